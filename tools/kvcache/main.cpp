@@ -1,0 +1,31 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+// kvcache: the command-line entry point. Dispatches to one file per subcommand.
+
+#include <cstdio>
+#include <cstring>
+
+#include "demo.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: kvcache <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  demo    decode with a small deterministic transformer over the per-sequence caches and\n"
+    "          check every step against a recompute without cache (the main job)\n"
+    "\n"
+    "Run 'kvcache <command> --help' for a command's options.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  if (std::strcmp(argv[1], "demo") == 0) return kvcache::cli::run_demo(argc - 1, argv + 1);
+  std::fprintf(stderr, "kvcache: unknown command '%s', expected one of: demo (see --help)\n",
+               argv[1]);
+  return 2;
+}
