@@ -83,6 +83,9 @@ struct DimSpec {
 [[nodiscard]] KVCACHE_API Status check_data(const TensorView& t, std::string_view op,
                                             std::string_view name);
 
+// Whether the bytes the view's elements span intersect [data, data + num_bytes).
+[[nodiscard]] KVCACHE_API bool overlaps(const TensorView& t, const void* data, size_t num_bytes);
+
 // Copies the elements of src into dst (CPU, any strides, same dtype and shape): the one strided
 // copy the caches build on. invalid_argument (op "copy") on a dtype, shape or device mismatch.
 // REQUIRES: src and dst do not overlap.

@@ -23,7 +23,10 @@ std::string expected_shape_string(std::span<const DimSpec> expected) {
   for (size_t i = 0; i < expected.size(); ++i) {
     if (i) out += ", ";
     out += expected[i].name;
-    if (expected[i].size >= 0) out += "=" + std::to_string(expected[i].size);
+    if (expected[i].size >= 0) {
+      out += '=';  // appended separately: GCC 12 warns (-Wrestrict) on "=" + std::string
+      out += std::to_string(expected[i].size);
+    }
   }
   return out + "]";
 }
@@ -132,6 +135,22 @@ Status check_data(const TensorView& t, std::string_view op, std::string_view nam
   if (t.data != nullptr || t.numel() == 0) return Status();
   return Status::invalid_argument(prefix(op, name) + " has null data with " +
                                   std::to_string(t.numel()) + " elements, expected a pointer");
+}
+
+bool overlaps(const TensorView& t, const void* data, size_t num_bytes) {
+  if (data == nullptr || num_bytes == 0 || t.data == nullptr || t.numel() == 0) return false;
+  int64_t lo = 0;  // element offsets of the lowest and highest element the view reaches
+  int64_t hi = 0;
+  for (int axis = 0; axis < t.rank; ++axis) {
+    const int64_t reach = t.strides[axis] * (t.shape[axis] - 1);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const auto elem = static_cast<int64_t>(size_of(t.dtype));
+  const auto base = reinterpret_cast<uintptr_t>(t.data);
+  const uintptr_t view_lo = base + static_cast<uintptr_t>(lo * elem);
+  const uintptr_t view_hi = base + static_cast<uintptr_t>((hi + 1) * elem);
+  const auto buf_lo = reinterpret_cast<uintptr_t>(data);
+  return view_lo < buf_lo + num_bytes && buf_lo < view_hi;
 }
 
 Status copy_into(const TensorView& src, const TensorView& dst) {

@@ -1,0 +1,559 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#include "kvcache/contiguous_cache.h"
+
+#include <algorithm>
+#include <initializer_list>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "core/check.h"
+
+namespace kvcache {
+namespace {
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+std::string join(const std::vector<int64_t>& values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (i) out += ", ";
+    out += str(values[i]);
+  }
+  return out + "]";
+}
+
+// The product of `factors` in int64; false on overflow.
+bool checked_product(std::initializer_list<int64_t> factors, int64_t* out) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (__builtin_mul_overflow(p, f, &p)) return false;
+  }
+  *out = p;
+  return true;
+}
+
+// Arrays alternate K and V: even ones hold head_dim, odd ones head_dim_v.
+int64_t array_dim(const KVCacheOptions& o, size_t array) {
+  return array % 2 == 0 ? o.head_dim : o.head_dim_v;
+}
+
+// A [batch, n, heads, dim] view of tokens [first, first + n) of storage laid out as
+// [batch, capacity, heads, dim].
+TensorView token_view(const void* base, const KVCacheOptions& o, size_t array, int64_t capacity,
+                      int64_t first, int64_t n) {
+  const int64_t dim = array_dim(o, array);
+  TensorView t;
+  t.dtype = o.dtype;
+  t.rank = 4;
+  t.shape = {o.batch, n, o.num_kv_heads, dim, 0, 0};
+  t.strides = {capacity * o.num_kv_heads * dim, o.num_kv_heads * dim, dim, 1, 0, 0};
+  char* data = const_cast<char*>(static_cast<const char*>(base));
+  if (data != nullptr) {
+    data += first * o.num_kv_heads * dim * static_cast<int64_t>(size_of(o.dtype));
+  }
+  t.data = data;
+  return t;
+}
+
+// Tokens [first, first + n) of one array of a snapshot, stored as [batch, end - begin, H, dim].
+TensorView snapshot_view(const KVCacheOptions& o, const Snapshot& s, size_t array, int64_t first,
+                         int64_t n) {
+  return token_view(s.arrays()[array].data(), o, array, s.end() - s.begin(), first, n);
+}
+
+// [batch, n, H, D] as the [batch, H, n, D] the Cache contract speaks.
+TensorView head_major(const TensorView& t) {
+  TensorView out = t;
+  std::swap(out.shape[1], out.shape[2]);
+  std::swap(out.strides[1], out.strides[2]);
+  return out;
+}
+
+// Batch 1 drops the batch axis: [len, H, D].
+TensorView live_view(const TensorView& t, int64_t batch) {
+  if (batch != 1) return t;
+  TensorView out = t;
+  out.rank = 3;
+  out.shape = {t.shape[1], t.shape[2], t.shape[3], 0, 0, 0};
+  out.strides = {t.strides[1], t.strides[2], t.strides[3], 0, 0, 0};
+  return out;
+}
+
+// A rank-3 [n, H, D] input as the [1, n, H, D] the copies use.
+TensorView as_rank4(const TensorView& t) {
+  if (t.rank == 4) return t;
+  TensorView out = t;
+  out.rank = 4;
+  out.shape = {1, t.shape[0], t.shape[1], t.shape[2], 0, 0};
+  out.strides = {0, t.strides[0], t.strides[1], t.strides[2], 0, 0};
+  return out;
+}
+
+// Inputs were validated and storage reserved before any copy, so a failure here is a bug.
+void copy_or_die(const TensorView& src, const TensorView& dst) {
+  if (src.numel() == 0) return;
+  const Status s = copy_into(src, dst);
+  KV_CHECK(s.ok());
+}
+
+std::vector<int64_t> layout_of(const KVCacheOptions& o) {
+  return {o.num_layers, o.batch,      o.num_kv_heads,
+          o.head_dim,   o.head_dim_v, static_cast<int64_t>(o.dtype)};
+}
+
+Status check_layer(const KVCacheOptions& o, int64_t layer, std::string_view op) {
+  if (layer >= 0 && layer < o.num_layers) return Status();
+  return Status::out_of_range(std::string(op) + ": layer " + str(layer) +
+                              " is out of range, expected 0 <= layer < " + str(o.num_layers));
+}
+
+Status check_position(int64_t value, int64_t len, std::string_view op, std::string_view arg) {
+  if (value >= 0 && value <= len) return Status();
+  const std::string a(arg);
+  return Status::invalid_argument(std::string(op) + ": " + a + " is " + str(value) +
+                                  ", expected 0 <= " + a + " <= " + str(len) + " (the offset)");
+}
+
+// dtype, device, shape (batch, n, heads, dim; rank 3 without batch when batch is 1), data.
+Status check_tokens(const KVCacheOptions& o, const TensorView& t, size_t array, std::string_view op,
+                    const char* arg) {
+  if (Status s = check_dtype(t, o.dtype, op, arg); !s.ok()) return s;
+  if (Status s = check_device(t, Device::cpu(), op, arg); !s.ok()) return s;
+  const DimSpec dim{array_dim(o, array), array % 2 == 0 ? "head_dim" : "head_dim_v"};
+  const DimSpec heads{o.num_kv_heads, "num_kv_heads"};
+  Status s = o.batch == 1 && t.rank == 3
+                 ? check_shape(t, {{-1, "n"}, heads, dim}, op, arg)
+                 : check_shape(t, {{o.batch, "batch"}, {-1, "n"}, heads, dim}, op, arg);
+  if (!s.ok()) return s;
+  return check_data(t, op, arg);
+}
+
+// The same as check_tokens for the Cache contract's [batch, H, L, dim] inputs.
+Status check_update_input(const KVCacheOptions& o, const TensorView& t, size_t array,
+                          std::string_view op, const char* arg) {
+  if (Status s = check_dtype(t, o.dtype, op, arg); !s.ok()) return s;
+  if (Status s = check_device(t, Device::cpu(), op, arg); !s.ok()) return s;
+  const DimSpec dim{array_dim(o, array), array % 2 == 0 ? "head_dim" : "head_dim_v"};
+  if (Status s = check_shape(
+          t, {{o.batch, "batch"}, {o.num_kv_heads, "num_kv_heads"}, {-1, "L"}, dim}, op, arg);
+      !s.ok()) {
+    return s;
+  }
+  return check_data(t, op, arg);
+}
+
+// A snapshot this cache can read: contiguous kind, same layout, arrays of the right size.
+Status check_snapshot(const KVCacheOptions& o, const Snapshot& s, std::string_view op,
+                      std::string_view arg) {
+  const std::string prefix = std::string(op) + ": " + std::string(arg);
+  if (s.kind() != CacheKind::contiguous) {
+    return Status::invalid_argument(prefix + " is of a " + name(s.kind()) +
+                                    " cache, expected contiguous");
+  }
+  const std::vector<int64_t> want = layout_of(o);
+  if (s.layout() != want) {
+    return Status::invalid_argument(prefix + " has layout " + join(s.layout()) + ", expected " +
+                                    join(want) +
+                                    " (layers, batch, num_kv_heads, head_dim, head_dim_v, dtype)");
+  }
+  if (s.begin() < 0 || s.end() < s.begin()) {
+    return Status::invalid_argument(prefix + " covers [" + str(s.begin()) + ", " + str(s.end()) +
+                                    "), expected 0 <= begin <= end");
+  }
+  const size_t num_arrays = 2 * static_cast<size_t>(o.num_layers);
+  if (s.arrays().size() != num_arrays) {
+    return Status::invalid_argument(prefix + " has " + std::to_string(s.arrays().size()) +
+                                    " arrays, expected " + std::to_string(num_arrays));
+  }
+  for (size_t a = 0; a < num_arrays; ++a) {
+    const Buffer& b = s.arrays()[a];
+    const size_t bytes = snapshot_view(o, s, a, 0, s.end() - s.begin()).num_bytes();
+    if (b.num_bytes() != bytes || !b.device().is_cpu()) {
+      return Status::invalid_argument(
+          prefix + " array " + std::to_string(a) + " has " + std::to_string(b.num_bytes()) +
+          " bytes on " + to_string(b.device()) + ", expected " + std::to_string(bytes) + " on cpu");
+    }
+  }
+  return Status();
+}
+
+// A snapshot [begin, end) of `cache_id` whose array a is the concatenation, along tokens, of
+// piece(a, 0), ..., piece(a, num_pieces - 1) (each [batch, n_i, H, dim]).
+template <class Piece>
+Result<Snapshot> make_snapshot(const KVCacheOptions& o, uint64_t cache_id, int64_t begin,
+                               int64_t end, int num_pieces, Piece piece) {
+  const int64_t n = end - begin;
+  const size_t num_arrays = 2 * static_cast<size_t>(o.num_layers);
+  std::vector<Buffer> arrays;
+  arrays.reserve(num_arrays);
+  for (size_t a = 0; a < num_arrays; ++a) {
+    const size_t bytes = token_view(nullptr, o, a, n, 0, n).num_bytes();
+    Result<Buffer> buffer = Buffer::allocate(Device::cpu(), bytes);
+    if (!buffer.ok()) return buffer.status();
+    arrays.push_back(std::move(*buffer));
+  }
+  for (size_t a = 0; a < num_arrays; ++a) {
+    int64_t at = 0;
+    for (int i = 0; i < num_pieces; ++i) {
+      const TensorView src = piece(a, i);
+      copy_or_die(src, token_view(arrays[a].data(), o, a, n, at, src.shape[1]));
+      at += src.shape[1];
+    }
+    KV_CHECK(at == n);
+  }
+  return Snapshot(CacheKind::contiguous, cache_id, layout_of(o), begin, end, std::move(arrays));
+}
+
+}  // namespace
+
+// --- construction ---
+
+KVCache::KVCache(const KVCacheOptions& options)
+    : options_(options),
+      pending_(static_cast<size_t>(options.num_layers), 0),
+      arrays_(2 * static_cast<size_t>(options.num_layers)) {}
+
+KVCache::~KVCache() = default;
+
+Result<std::unique_ptr<KVCache>> KVCache::create(const KVCacheOptions& options) {
+  const std::string op = "KVCache.create: ";
+  const auto positive = [&](int64_t value, const char* field) -> Status {
+    if (value > 0) return Status();
+    return Status::invalid_argument(op + field + " is " + str(value) + ", expected > 0");
+  };
+  if (Status s = positive(options.num_layers, "num_layers"); !s.ok()) return s;
+  if (Status s = positive(options.num_kv_heads, "num_kv_heads"); !s.ok()) return s;
+  if (Status s = positive(options.head_dim, "head_dim"); !s.ok()) return s;
+  if (Status s = positive(options.batch, "batch"); !s.ok()) return s;
+  if (options.head_dim_v < 0) {
+    return Status::invalid_argument(op + "head_dim_v is " + str(options.head_dim_v) +
+                                    ", expected >= 0 (0 means head_dim)");
+  }
+  if (options.dtype != DType::f32 && options.dtype != DType::f16 && options.dtype != DType::bf16) {
+    return Status::invalid_argument(op + "dtype is " + name(options.dtype) +
+                                    ", expected f32, f16 or bf16");
+  }
+  if (options.capacity < 0) {
+    return Status::invalid_argument(op + "capacity is " + str(options.capacity) +
+                                    ", expected >= 0");
+  }
+  if (options.fixed_capacity && options.capacity == 0) {
+    return Status::invalid_argument(op +
+                                    "fixed_capacity is set with capacity 0, expected "
+                                    "capacity > 0");
+  }
+  KVCacheOptions resolved = options;
+  if (resolved.head_dim_v == 0) resolved.head_dim_v = resolved.head_dim;
+  int64_t dims = 0;
+  int64_t entry = 0;
+  if (__builtin_add_overflow(resolved.head_dim, resolved.head_dim_v, &dims) ||
+      !checked_product({resolved.num_layers, resolved.batch, resolved.num_kv_heads, dims,
+                        static_cast<int64_t>(size_of(resolved.dtype))},
+                       &entry)) {
+    return Status::invalid_argument(op +
+                                    "one token's K and V overflow 64 bits, expected "
+                                    "smaller dims");
+  }
+  std::unique_ptr<KVCache> cache(new KVCache(resolved));
+  std::vector<Buffer> retired;
+  if (Status s = cache->reserve(0, resolved.capacity, "KVCache.create", &retired); !s.ok()) {
+    return s;
+  }
+  return cache;
+}
+
+Result<std::unique_ptr<KVCache>> KVCache::make(int64_t num_layers, int64_t num_kv_heads,
+                                               int64_t head_dim, DType dtype) {
+  KVCacheOptions options;
+  options.num_layers = num_layers;
+  options.num_kv_heads = num_kv_heads;
+  options.head_dim = head_dim;
+  options.dtype = dtype;
+  return create(options);
+}
+
+Result<std::unique_ptr<KVCache>> KVCache::with_capacity(int64_t num_layers, int64_t num_kv_heads,
+                                                        int64_t head_dim, int64_t max_seq_len,
+                                                        DType dtype) {
+  KVCacheOptions options;
+  options.num_layers = num_layers;
+  options.num_kv_heads = num_kv_heads;
+  options.head_dim = head_dim;
+  options.dtype = dtype;
+  options.capacity = max_seq_len;
+  options.fixed_capacity = true;
+  return create(options);
+}
+
+// --- storage ---
+
+TensorView KVCache::storage(size_t array, int64_t first, int64_t n) const {
+  return token_view(arrays_[array].data(), options_, array, capacity_, first, n);
+}
+
+Status KVCache::reserve(int64_t length, int64_t count, std::string_view op,
+                        std::vector<Buffer>* retired) {
+  const int64_t needed = length + count;
+  if (needed <= capacity_) return Status();
+  int64_t new_capacity = 0;
+  if (options_.fixed_capacity) {
+    if (needed > options_.capacity) {
+      return Status::resource_exhausted(std::string(op) + ": " + str(count) + " tokens at length " +
+                                        str(length) + " exceed the fixed capacity " +
+                                        str(options_.capacity) + ", expected at most " +
+                                        str(std::max<int64_t>(0, options_.capacity - length)));
+    }
+    new_capacity = options_.capacity;  // after free(): the configured capacity again
+  } else {
+    new_capacity = std::max({2 * capacity_, needed, options_.capacity});
+  }
+  std::vector<Buffer> fresh;
+  fresh.reserve(arrays_.size());
+  for (size_t a = 0; a < arrays_.size(); ++a) {
+    int64_t bytes = 0;
+    if (!checked_product({options_.batch, new_capacity, options_.num_kv_heads,
+                          array_dim(options_, a), static_cast<int64_t>(size_of(options_.dtype))},
+                         &bytes)) {
+      return Status::resource_exhausted(std::string(op) + ": a capacity of " + str(new_capacity) +
+                                        " tokens overflows 64 bits of bytes, expected fewer");
+    }
+    Result<Buffer> buffer = Buffer::allocate(Device::cpu(), static_cast<size_t>(bytes));
+    if (!buffer.ok()) return buffer.status();
+    fresh.push_back(std::move(*buffer));
+  }
+  // Nothing fails from here on.
+  for (size_t a = 0; a < arrays_.size(); ++a) {
+    const int64_t held = len_ + pending_[a / 2];
+    copy_or_die(storage(a, 0, held),
+                token_view(fresh[a].data(), options_, a, new_capacity, 0, held));
+    retired->push_back(std::exchange(arrays_[a], std::move(fresh[a])));
+  }
+  capacity_ = new_capacity;
+  return Status();
+}
+
+// --- the layer-by-layer interface ---
+
+Status KVCache::append(int64_t layer, const TensorView& k, const TensorView& v) {
+  constexpr std::string_view kOp = "KVCache.append";
+  if (Status s = check_layer(options_, layer, kOp); !s.ok()) return s;
+  if (Status s = check_tokens(options_, k, 0, kOp, "k"); !s.ok()) return s;
+  if (Status s = check_tokens(options_, v, 1, kOp, "v"); !s.ok()) return s;
+  const TensorView k4 = as_rank4(k);
+  const TensorView v4 = as_rank4(v);
+  const int64_t n = k4.shape[1];
+  if (n < 1) {
+    return Status::invalid_argument(std::string(kOp) + ": k has " + str(n) +
+                                    " tokens, expected at least 1");
+  }
+  if (v4.shape[1] != n) {
+    return Status::invalid_argument(std::string(kOp) + ": v has " + str(v4.shape[1]) +
+                                    " tokens, expected " + str(n) + " (as many as k)");
+  }
+  const auto l = static_cast<size_t>(layer);
+  const int64_t at = len_ + pending_[l];
+  std::vector<Buffer> retired;
+  if (Status s = reserve(at, n, kOp, &retired); !s.ok()) return s;
+  copy_or_die(k4, storage(2 * l, at, n));
+  copy_or_die(v4, storage(2 * l + 1, at, n));
+  pending_[l] += n;
+  return Status();
+}
+
+Status KVCache::advance() {
+  for (size_t l = 1; l < pending_.size(); ++l) {
+    if (pending_[l] != pending_[0]) {
+      return Status::invalid_argument("KVCache.advance: layer " + std::to_string(l) + " has " +
+                                      str(pending_[l]) + " pending tokens, expected " +
+                                      str(pending_[0]) + " (as layer 0)");
+    }
+  }
+  len_ += pending_[0];
+  std::fill(pending_.begin(), pending_.end(), 0);
+  return Status();
+}
+
+Result<TensorView> KVCache::k(int64_t layer) const {
+  if (Status s = check_layer(options_, layer, "KVCache.k"); !s.ok()) return s;
+  return live_view(storage(2 * static_cast<size_t>(layer), 0, len_), options_.batch);
+}
+
+Result<TensorView> KVCache::v(int64_t layer) const {
+  if (Status s = check_layer(options_, layer, "KVCache.v"); !s.ok()) return s;
+  return live_view(storage(2 * static_cast<size_t>(layer) + 1, 0, len_), options_.batch);
+}
+
+size_t KVCache::entry_size() const {
+  return static_cast<size_t>(options_.num_layers * options_.batch * options_.num_kv_heads *
+                             (options_.head_dim + options_.head_dim_v)) *
+         size_of(options_.dtype);
+}
+
+void KVCache::clear() {
+  len_ = 0;
+  std::fill(pending_.begin(), pending_.end(), 0);
+}
+
+Status KVCache::truncate(int64_t n) {
+  if (Status s = check_position(n, len_, "KVCache.truncate", "n"); !s.ok()) return s;
+  len_ = n;
+  std::fill(pending_.begin(), pending_.end(), 0);
+  return Status();
+}
+
+// --- the Cache contract ---
+
+Result<CacheViews> KVCache::update(const TensorView& keys, const TensorView& values) {
+  constexpr std::string_view kOp = "KVCache.update";
+  if (options_.num_layers != 1) {
+    return Status::invalid_argument(std::string(kOp) + ": the cache has " +
+                                    str(options_.num_layers) +
+                                    " layers, expected 1 (use append and advance)");
+  }
+  if (pending_[0] != 0) {
+    return Status::invalid_argument(std::string(kOp) + ": " + str(pending_[0]) +
+                                    " tokens are pending from append, expected none (call "
+                                    "advance first)");
+  }
+  if (Status s = check_update_input(options_, keys, 0, kOp, "keys"); !s.ok()) return s;
+  if (Status s = check_update_input(options_, values, 1, kOp, "values"); !s.ok()) return s;
+  const int64_t n = keys.shape[2];
+  if (n < 1) {
+    return Status::invalid_argument(std::string(kOp) + ": keys has " + str(n) +
+                                    " tokens (L), expected at least 1");
+  }
+  if (values.shape[2] != n) {
+    return Status::invalid_argument(std::string(kOp) + ": values has " + str(values.shape[2]) +
+                                    " tokens (L), expected " + str(n) + " (as many as keys)");
+  }
+  std::vector<Buffer> retired;
+  if (Status s = reserve(len_, n, kOp, &retired); !s.ok()) return s;
+  copy_or_die(keys, head_major(storage(0, len_, n)));
+  copy_or_die(values, head_major(storage(1, len_, n)));
+  len_ += n;
+  CacheViews views;
+  views.keys = head_major(storage(0, 0, len_));
+  views.values = head_major(storage(1, 0, len_));
+  return views;
+}
+
+std::vector<TensorView> KVCache::state() const {
+  std::vector<TensorView> out;
+  out.reserve(arrays_.size());
+  for (size_t a = 0; a < arrays_.size(); ++a) out.push_back(storage(a, 0, len_));
+  return out;
+}
+
+Result<std::optional<Snapshot>> KVCache::snapshot(int64_t from) const {
+  if (Status s = check_position(from, len_, "KVCache.snapshot", "from"); !s.ok()) return s;
+  if (from == len_) return std::optional<Snapshot>();
+  const int64_t n = len_ - from;
+  Result<Snapshot> s = make_snapshot(options_, id(), from, len_, 1,
+                                     [&](size_t a, int) { return storage(a, from, n); });
+  if (!s.ok()) return s.status();
+  return std::optional<Snapshot>(std::move(*s));
+}
+
+Status KVCache::restore(int64_t target) {
+  if (Status s = check_position(target, len_, "KVCache.restore", "target"); !s.ok()) return s;
+  len_ = target;
+  std::fill(pending_.begin(), pending_.end(), 0);
+  return Status();
+}
+
+Status KVCache::restore(const Snapshot& snapshot, int64_t target) {
+  constexpr std::string_view kOp = "KVCache.restore";
+  if (Status s = check_snapshot(options_, snapshot, kOp, "snapshot"); !s.ok()) return s;
+  const int64_t a = snapshot.begin();
+  const int64_t b = snapshot.end();
+  if (a > len_) {
+    return Status::invalid_argument(
+        std::string(kOp) + ": snapshot begins at " + str(a) + " but the cache holds " + str(len_) +
+        " tokens, expected begin <= " + str(len_) + " (the cache must hold [0, begin))");
+  }
+  if (target < a || target > b) {
+    return Status::invalid_argument(std::string(kOp) + ": target is " + str(target) +
+                                    ", expected " + str(a) + " <= target <= " + str(b) +
+                                    " (the snapshot covers [" + str(a) + ", " + str(b) + "))");
+  }
+  std::vector<Buffer> retired;
+  if (Status s = reserve(a, target - a, kOp, &retired); !s.ok()) return s;
+  // Only [a, target) is copied: the rewind to target would drop the rest.
+  const int64_t n = target - a;
+  for (size_t i = 0; i < arrays_.size(); ++i) {
+    copy_or_die(snapshot_view(options_, snapshot, i, 0, n), storage(i, a, n));
+  }
+  len_ = target;
+  std::fill(pending_.begin(), pending_.end(), 0);
+  return Status();
+}
+
+Result<Snapshot> KVCache::merge(std::optional<Snapshot>&& parent,
+                                std::optional<Snapshot>&& child) const {
+  constexpr std::string_view kOp = "KVCache.merge";
+  if (!parent || !child) {
+    return Status::invalid_argument(std::string(kOp) + ": " + (parent ? "child" : "parent") +
+                                    " is missing, expected a snapshot");
+  }
+  if (Status s = check_snapshot(options_, *parent, kOp, "parent"); !s.ok()) return s;
+  if (Status s = check_snapshot(options_, *child, kOp, "child"); !s.ok()) return s;
+  const Snapshot& p = *parent;
+  const Snapshot& c = *child;
+  if (p.cache_id() != c.cache_id()) {
+    return Status::invalid_argument(
+        std::string(kOp) + ": child comes from cache " + std::to_string(c.cache_id()) +
+        ", expected the parent's cache " + std::to_string(p.cache_id()));
+  }
+  if (p.end() != c.begin()) {
+    return Status::invalid_argument(std::string(kOp) + ": parent covers [" + str(p.begin()) + ", " +
+                                    str(p.end()) + ") and child [" + str(c.begin()) + ", " +
+                                    str(c.end()) +
+                                    "), expected adjacent ranges (child "
+                                    "beginning at " +
+                                    str(p.end()) + ")");
+  }
+  Result<Snapshot> merged =
+      make_snapshot(options_, p.cache_id(), p.begin(), c.end(), 2, [&](size_t a, int i) {
+        const Snapshot& s = i == 0 ? p : c;
+        return snapshot_view(options_, s, a, 0, s.end() - s.begin());
+      });
+  if (!merged.ok()) return merged.status();
+  parent.reset();
+  child.reset();
+  return merged;
+}
+
+Result<SnapshotPair> KVCache::split(Snapshot&& s, int64_t at) const {
+  if (Status st = check_snapshot(options_, s, "KVCache.split", "s"); !st.ok()) return st;
+  SnapshotPair out;
+  if (at <= s.begin()) {
+    out.second.emplace(std::move(s));
+    return out;
+  }
+  if (at >= s.end()) {
+    out.first.emplace(std::move(s));
+    return out;
+  }
+  const int64_t head = at - s.begin();
+  Result<Snapshot> first =
+      make_snapshot(options_, s.cache_id(), s.begin(), at, 1,
+                    [&](size_t a, int) { return snapshot_view(options_, s, a, 0, head); });
+  if (!first.ok()) return first.status();
+  Result<Snapshot> second = make_snapshot(
+      options_, s.cache_id(), at, s.end(), 1,
+      [&](size_t a, int) { return snapshot_view(options_, s, a, head, s.end() - at); });
+  if (!second.ok()) return second.status();
+  out.first.emplace(std::move(*first));
+  out.second.emplace(std::move(*second));
+  return out;
+}
+
+void KVCache::free() {
+  for (Buffer& b : arrays_) b = Buffer();
+  capacity_ = 0;
+  len_ = 0;
+  std::fill(pending_.begin(), pending_.end(), 0);
+}
+
+}  // namespace kvcache
