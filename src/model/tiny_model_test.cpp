@@ -1,0 +1,346 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#include "model/tiny_model.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kvcache/rotating_cache.h"
+
+#include "testing/test_util.h"
+
+namespace kvcache::model {
+namespace {
+
+using ::kvcache::testing::has_error;
+using ::kvcache::testing::seed_trace;
+using ::kvcache::testing::test_seed;
+using ::kvcache::testing::view_bytes;
+
+constexpr int64_t kSlidingLayer = 1;    // in default_layers()
+constexpr int64_t kRecurrentLayer = 2;  // in default_layers()
+
+std::unique_ptr<TinyModel> make_model(DType dtype, uint64_t seed = 1) {
+  TinyModelConfig config;
+  config.dtype = dtype;
+  config.seed = seed;
+  auto model = TinyModel::create(config);
+  EXPECT_OK(model);
+  return std::move(*model);
+}
+
+std::unique_ptr<Session> make_session(const TinyModel& model) {
+  auto session = Session::create(model);
+  EXPECT_OK(session);
+  return std::move(*session);
+}
+
+std::vector<int32_t> random_tokens(std::mt19937& rng, int64_t n, int64_t vocab) {
+  std::uniform_int_distribution<int32_t> dist(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> out(static_cast<size_t>(n));
+  for (int32_t& t : out) t = dist(rng);
+  return out;
+}
+
+// Row `row` of logits [n, vocab].
+std::span<const float> row_of(const std::vector<float>& logits, int64_t row, int64_t vocab) {
+  return std::span<const float>(logits).subspan(static_cast<size_t>(row * vocab),
+                                                static_cast<size_t>(vocab));
+}
+
+// The bytes of every layer's state() views and the offsets: equal means the caches hold the same.
+std::vector<std::vector<uint8_t>> session_bytes(const Session& s) {
+  std::vector<std::vector<uint8_t>> out;
+  for (int64_t l = 0; l < s.num_layers(); ++l) {
+    const int64_t offset = s.cache(l).offset();
+    const auto* p = reinterpret_cast<const uint8_t*>(&offset);
+    out.emplace_back(p, p + sizeof(offset));
+    for (const TensorView& v : s.cache(l).state()) out.push_back(view_bytes(v));
+  }
+  return out;
+}
+
+// Max |cached - forward_full| over the prefill positions and then every greedy decode step.
+float decode_vs_full(DType dtype, int64_t prompt_len, int64_t steps, bool* wrapped) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  auto model = make_model(dtype);
+  auto session = make_session(*model);
+  const int64_t vocab = model->config().vocab;
+  std::vector<int32_t> tokens = random_tokens(rng, prompt_len, vocab);
+
+  auto cached = session->prefill(tokens);
+  auto full = model->forward_full(tokens);
+  EXPECT_OK(cached);
+  EXPECT_OK(full);
+  float worst = max_abs_diff(*cached, *full);
+  int32_t next = argmax(row_of(*cached, prompt_len - 1, vocab));
+  for (int64_t step = 0; step < steps; ++step) {
+    tokens.push_back(next);
+    auto logits = session->decode(next);
+    auto reference = model->forward_full(tokens);
+    EXPECT_OK(logits);
+    EXPECT_OK(reference);
+    const float diff = max_abs_diff(*logits, row_of(*reference, step + prompt_len, vocab));
+    EXPECT_LE(diff, kLogitTolerance) << "decode step " << step;
+    worst = std::max(worst, diff);
+    next = argmax(*logits);
+  }
+  *wrapped = static_cast<const RotatingKVCache&>(session->cache(kSlidingLayer)).has_wrapped();
+  return worst;
+}
+
+// The same tolerance holds for every storage dtype: forward_full rounds K, V and the recurrent
+// states through the storage dtype exactly where the cache stores them (see kLogitTolerance).
+TEST(TinyModel, CachedDecodeMatchesFullRecomputeF32) {
+  bool wrapped = false;
+  EXPECT_LE(decode_vs_full(DType::f32, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_TRUE(wrapped) << "the decode must be long enough to wrap the sliding window";
+}
+
+TEST(TinyModel, CachedDecodeMatchesFullRecomputeBF16) {
+  bool wrapped = false;
+  EXPECT_LE(decode_vs_full(DType::bf16, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_TRUE(wrapped);
+}
+
+TEST(TinyModel, CachedDecodeMatchesFullRecomputeF16) {
+  bool wrapped = false;
+  EXPECT_LE(decode_vs_full(DType::f16, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_TRUE(wrapped);
+}
+
+TEST(TinyModel, PrefillInChunksEqualsTokenByToken) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  auto model = make_model(DType::bf16);
+  const int64_t vocab = model->config().vocab;
+  // 30 tokens: longer than the 24-token window, so the one-chunk prefill wraps it.
+  const std::vector<int32_t> prompt = random_tokens(rng, 30, vocab);
+  const std::vector<int32_t> more = random_tokens(rng, 10, vocab);
+
+  auto by_token = make_session(*model);
+  std::vector<float> expected;
+  for (const int32_t t : prompt) {
+    auto logits = by_token->decode(t);
+    ASSERT_OK(logits);
+    expected.insert(expected.end(), logits->begin(), logits->end());
+  }
+  for (const std::vector<int64_t>& chunks :
+       {std::vector<int64_t>{30}, std::vector<int64_t>{5, 20, 5}, std::vector<int64_t>{1, 29}}) {
+    auto chunked = make_session(*model);
+    std::vector<float> got;
+    int64_t at = 0;
+    for (const int64_t n : chunks) {
+      auto logits = chunked->prefill(std::span<const int32_t>(prompt).subspan(
+          static_cast<size_t>(at), static_cast<size_t>(n)));
+      ASSERT_OK(logits);
+      got.insert(got.end(), logits->begin(), logits->end());
+      at += n;
+    }
+    EXPECT_LE(max_abs_diff(got, expected), kLogitTolerance) << "chunks of " << chunks.size();
+    EXPECT_EQ(session_bytes(*chunked), session_bytes(*by_token));
+    // Decoding on from either gives the same logits.
+    auto twin = make_session(*model);
+    ASSERT_OK(twin->prefill(prompt));
+    for (const int32_t t : more) {
+      auto a = chunked->decode(t);
+      auto b = twin->decode(t);
+      ASSERT_OK(a);
+      ASSERT_OK(b);
+      EXPECT_LE(max_abs_diff(*a, *b), kLogitTolerance);
+    }
+  }
+}
+
+TEST(TinyModel, SpeculativeRollbackRestoresIdenticalLogits) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for (const DType dtype : {DType::f32, DType::bf16}) {
+    auto model = make_model(dtype);
+    const int64_t vocab = model->config().vocab;
+    auto drafting = make_session(*model);
+    auto plain = make_session(*model);  // never drafts
+    const std::vector<int32_t> prompt = random_tokens(rng, 10, vocab);
+    ASSERT_OK(drafting->prefill(prompt));
+    ASSERT_OK(plain->prefill(prompt));
+    // Drafts of 5 at offsets 10, 17 (unwrapped window), 24 (the draft wraps it), 31 (wrapped).
+    const std::vector<int32_t> next = random_tokens(rng, 28, vocab);
+    int num_drafts = 0;
+    for (size_t step = 0; step < next.size(); ++step) {
+      if (step % 7 == 0) {
+        const int64_t offset = drafting->offset();
+        auto bytes = speculate(*drafting, random_tokens(rng, 5, vocab));
+        ASSERT_OK(bytes);
+        EXPECT_GT(*bytes, 0u);
+        EXPECT_EQ(drafting->offset(), offset);
+        EXPECT_EQ(session_bytes(*drafting), session_bytes(*plain)) << "step " << step;
+        ++num_drafts;
+      }
+      auto a = drafting->decode(next[step]);
+      auto b = plain->decode(next[step]);
+      ASSERT_OK(a);
+      ASSERT_OK(b);
+      EXPECT_EQ(*a, *b) << "step " << step;
+    }
+    EXPECT_EQ(num_drafts, 4);
+    EXPECT_TRUE(static_cast<const RotatingKVCache&>(drafting->cache(kSlidingLayer)).has_wrapped());
+  }
+}
+
+// Adds 1 to the first element of a cache view (any storage dtype).
+void corrupt_first(const TensorView& t, std::span<const int64_t> index) {
+  void* p = t.element_ptr(index);
+  float x = 0.0f;
+  to_float(t.dtype, p, &x, 1);
+  x += 1.0f;
+  from_float(&x, t.dtype, p, 1);
+}
+
+// The comparison is not vacuous: one corrupted cached value in any kind of cache shows up.
+TEST(TinyModel, CorruptedCacheIsDetected) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  auto model = make_model(DType::bf16);
+  const int64_t vocab = model->config().vocab;
+  std::vector<int32_t> tokens = random_tokens(rng, 12, vocab);
+  const int32_t next = tokens.back();
+  tokens.pop_back();
+  // layer 0: contiguous K of position 2; sliding: a pinned K; recurrent: the delta state.
+  const int64_t kv_index[] = {0, 2, 0, 0};
+  const int64_t pinned_index[] = {0, 0, 1, 3};
+  const int64_t delta_index[] = {0, 1, 2, 3};
+  for (const int64_t layer : {int64_t{0}, kSlidingLayer, kRecurrentLayer}) {
+    SCOPED_TRACE("layer " + std::to_string(layer));
+    auto session = make_session(*model);
+    ASSERT_OK(session->prefill(tokens));
+    std::vector<TensorView> state = session->cache(layer).state();
+    if (layer == 0) corrupt_first(state[0], kv_index);
+    if (layer == kSlidingLayer) corrupt_first(state[0], pinned_index);
+    if (layer == kRecurrentLayer) corrupt_first(state[1], delta_index);
+
+    std::vector<int32_t> all = tokens;
+    all.push_back(next);
+    auto logits = session->decode(next);
+    auto full = model->forward_full(all);
+    ASSERT_OK(logits);
+    ASSERT_OK(full);
+    EXPECT_GT(max_abs_diff(*logits, row_of(*full, 11, vocab)), 10 * kLogitTolerance);
+  }
+}
+
+TEST(TinyModel, WeightsAreDeterministicPerSeed) {
+  auto a = make_model(DType::f32, 7);
+  auto b = make_model(DType::f32, 7);
+  auto c = make_model(DType::f32, 8);
+  for (int64_t l = 0; l < a->num_layers(); ++l) {
+    EXPECT_EQ(a->weights(l).mixer_norm, b->weights(l).mixer_norm);
+    EXPECT_EQ(a->weights(l).w_down, b->weights(l).w_down);
+    EXPECT_NE(a->weights(l).w_down, c->weights(l).w_down);
+  }
+  EXPECT_EQ(a->weights(0).attention.wq, b->weights(0).attention.wq);
+  EXPECT_NE(a->weights(0).attention.wq, c->weights(0).attention.wq);
+  EXPECT_EQ(a->weights(kRecurrentLayer).recurrent.w_qkv,
+            b->weights(kRecurrentLayer).recurrent.w_qkv);
+  EXPECT_NE(a->weights(kRecurrentLayer).recurrent.w_qkv,
+            c->weights(kRecurrentLayer).recurrent.w_qkv);
+  const std::vector<int32_t> tokens = {3, 1, 4, 1, 5, 9, 2, 6};
+  auto la = a->forward_full(tokens);
+  auto lb = b->forward_full(tokens);
+  auto lc = c->forward_full(tokens);
+  ASSERT_OK(la);
+  ASSERT_OK(lb);
+  ASSERT_OK(lc);
+  EXPECT_EQ(*la, *lb);
+  EXPECT_GT(max_abs_diff(*la, *lc), 1e-2f);
+}
+
+TEST(TinyModel, DefaultLayersCoverEveryCacheKind) {
+  auto model = make_model(DType::f32);
+  auto session = make_session(*model);
+  ASSERT_EQ(session->num_layers(), 4);
+  EXPECT_EQ(session->cache(0).kind(), CacheKind::contiguous);
+  EXPECT_EQ(session->cache(kSlidingLayer).kind(), CacheKind::rotating);
+  EXPECT_EQ(session->cache(kRecurrentLayer).kind(), CacheKind::recurrent);
+  EXPECT_EQ(session->cache(3).kind(), CacheKind::contiguous);
+  const AttentionConfig& sliding = model->config().layers[kSlidingLayer].attention;
+  EXPECT_LT(sliding.window, 40);
+  EXPECT_EQ(sliding.keep, 2);
+}
+
+TEST(TinyModel, RefusesBadConfigs) {
+  const auto create_with = [](auto edit) {
+    TinyModelConfig config;
+    edit(config);
+    return TinyModel::create(config).status();
+  };
+  EXPECT_TRUE(
+      has_error(create_with([](TinyModelConfig& c) { c.layers[0].attention.num_q_heads = 3; }),
+                Code::invalid_argument, "not a multiple of num_kv_heads 2"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.layers[0].attention.head_dim = 7; }),
+                        Code::invalid_argument, "layer 0 head_dim is 7, expected even"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.layers[1].attention.keep = 24; }),
+                        Code::invalid_argument, "expected 0 <= keep < window"));
+  EXPECT_TRUE(
+      has_error(create_with([](TinyModelConfig& c) { c.layers[2].recurrent.num_v_heads = 3; }),
+                Code::invalid_argument, "layer 2 num_v_heads 3"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.dtype = DType::int8; }),
+                        Code::invalid_argument, "dtype is int8, expected f32, f16 or bf16"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.layers.clear(); }),
+                        Code::invalid_argument, "no layers"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.vocab = 1; }),
+                        Code::invalid_argument, "vocab is 1, expected >= 2"));
+}
+
+TEST(TinyModel, RefusesBadTokensAndRollbacksWithoutChange) {
+  auto model = make_model(DType::bf16);
+  const std::vector<int32_t> bad = {1, 97};
+  EXPECT_TRUE(has_error(model->forward_full(bad), Code::invalid_argument,
+                        "TinyModel.forward_full: token 1 is 97, expected 0 <= token < 97"));
+  EXPECT_TRUE(has_error(model->forward_full({}), Code::invalid_argument, "no tokens"));
+
+  auto session = make_session(*model);
+  EXPECT_TRUE(has_error(session->checkpoint(), Code::invalid_argument, "session is empty"));
+  EXPECT_TRUE(has_error(speculate(*session, std::vector<int32_t>{1}), Code::invalid_argument,
+                        "Session.checkpoint: the session is empty"));
+  ASSERT_OK(session->prefill(std::vector<int32_t>{5, 6, 7, 8, 9}));
+  const auto before = session_bytes(*session);
+  EXPECT_TRUE(has_error(session->decode(-1), Code::invalid_argument,
+                        "Session.decode: token is -1, expected 0 <= token < 97"));
+  EXPECT_TRUE(has_error(session->prefill(bad), Code::invalid_argument, "Session.prefill: token 1"));
+  EXPECT_TRUE(has_error(speculate(*session, bad), Code::invalid_argument, "speculate: token 1"));
+  EXPECT_TRUE(has_error(speculate(*session, {}), Code::invalid_argument, "speculate: no tokens"));
+
+  // A checkpoint from further along than the session, and one of another layer count.
+  auto longer = make_session(*model);
+  ASSERT_OK(longer->prefill(std::vector<int32_t>{5, 6, 7, 8, 9, 10, 11}));
+  auto cp = longer->checkpoint();
+  ASSERT_OK(cp);
+  EXPECT_TRUE(has_error(session->rollback(*cp), Code::invalid_argument,
+                        "Session.rollback: checkpoint offset is 7, expected 1 <= offset <= 5"));
+  TinyModelConfig one_layer;
+  one_layer.layers.resize(1);
+  auto small = TinyModel::create(one_layer);
+  ASSERT_OK(small);
+  auto small_session = make_session(**small);
+  ASSERT_OK(small_session->prefill(std::vector<int32_t>{1, 2}));
+  auto small_cp = small_session->checkpoint();
+  ASSERT_OK(small_cp);
+  EXPECT_TRUE(has_error(session->rollback(*small_cp), Code::invalid_argument,
+                        "checkpoint has 1 layers, expected 4"));
+  EXPECT_EQ(session->offset(), 5);
+  EXPECT_EQ(session_bytes(*session), before);
+}
+
+}  // namespace
+}  // namespace kvcache::model
