@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "kvcache/buffer.h"
@@ -58,6 +59,8 @@ class KVCACHE_API Snapshot {
   [[nodiscard]] int64_t begin() const { return begin_; }
   [[nodiscard]] int64_t end() const { return end_; }
   [[nodiscard]] const std::vector<Buffer>& arrays() const { return arrays_; }
+  // Moves the arrays out and leaves none: for a merge that adopts one side's state as it is.
+  [[nodiscard]] std::vector<Buffer> take_arrays() && { return std::exchange(arrays_, {}); }
   // Bytes held by the arrays.
   [[nodiscard]] size_t num_bytes() const;
 

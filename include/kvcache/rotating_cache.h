@@ -24,7 +24,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <string_view>
 #include <vector>
 
 #include "kvcache/buffer.h"
@@ -90,10 +89,6 @@ class KVCACHE_API RotatingKVCache final : public Cache {
   // A [batch, n, num_kv_heads, dim] view of storage slots [first_slot, first_slot + n).
   [[nodiscard]] TensorView slots_view(const Buffer& buffer, int64_t dim, int64_t first_slot,
                                       int64_t n) const;
-  [[nodiscard]] std::vector<int64_t> layout() const;
-  // Kind, layout, range and arrays of a snapshot this cache could have taken.
-  [[nodiscard]] Status check_snapshot(const Snapshot& s, std::string_view op,
-                                      std::string_view arg) const;
 
   RotatingKVCacheOptions options_;  // head_dim_v resolved
   int64_t offset_ = 0;

@@ -7,31 +7,15 @@
 #include <string_view>
 #include <utility>
 
+#include "cache/snapshot_checks.h"
 #include "core/check.h"
 
 namespace kvcache {
 namespace {
 
-std::string str(int64_t v) { return std::to_string(v); }
-
-std::string join(const std::vector<int64_t>& values) {
-  std::string out = "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i) out += ", ";
-    out += str(values[i]);
-  }
-  return out + "]";
-}
-
-// The product of `factors` in int64; false on overflow.
-bool checked_product(std::initializer_list<int64_t> factors, int64_t* out) {
-  int64_t p = 1;
-  for (int64_t f : factors) {
-    if (__builtin_mul_overflow(p, f, &p)) return false;
-  }
-  *out = p;
-  return true;
-}
+using detail::checked_product;
+using detail::copy_or_die;
+using detail::str;
 
 // Arrays alternate K and V: even ones hold head_dim, odd ones head_dim_v.
 int64_t array_dim(const KVCacheOptions& o, size_t array) {
@@ -90,13 +74,6 @@ TensorView as_rank4(const TensorView& t) {
   return out;
 }
 
-// Inputs were validated and storage reserved before any copy, so a failure here is a bug.
-void copy_or_die(const TensorView& src, const TensorView& dst) {
-  if (src.numel() == 0) return;
-  const Status s = copy_into(src, dst);
-  KV_CHECK(s.ok());
-}
-
 std::vector<int64_t> layout_of(const KVCacheOptions& o) {
   return {o.num_layers, o.batch,      o.num_kv_heads,
           o.head_dim,   o.head_dim_v, static_cast<int64_t>(o.dtype)};
@@ -106,13 +83,6 @@ Status check_layer(const KVCacheOptions& o, int64_t layer, std::string_view op) 
   if (layer >= 0 && layer < o.num_layers) return Status();
   return Status::out_of_range(std::string(op) + ": layer " + str(layer) +
                               " is out of range, expected 0 <= layer < " + str(o.num_layers));
-}
-
-Status check_position(int64_t value, int64_t len, std::string_view op, std::string_view arg) {
-  if (value >= 0 && value <= len) return Status();
-  const std::string a(arg);
-  return Status::invalid_argument(std::string(op) + ": " + a + " is " + str(value) +
-                                  ", expected 0 <= " + a + " <= " + str(len) + " (the offset)");
 }
 
 // dtype, device, shape (batch, n, heads, dim; rank 3 without batch when batch is 1), data.
@@ -129,53 +99,16 @@ Status check_tokens(const KVCacheOptions& o, const TensorView& t, size_t array, 
   return check_data(t, op, arg);
 }
 
-// The same as check_tokens for the Cache contract's [batch, H, L, dim] inputs.
-Status check_update_input(const KVCacheOptions& o, const TensorView& t, size_t array,
-                          std::string_view op, const char* arg) {
-  if (Status s = check_dtype(t, o.dtype, op, arg); !s.ok()) return s;
-  if (Status s = check_device(t, Device::cpu(), op, arg); !s.ok()) return s;
-  const DimSpec dim{array_dim(o, array), array % 2 == 0 ? "head_dim" : "head_dim_v"};
-  if (Status s = check_shape(
-          t, {{o.batch, "batch"}, {o.num_kv_heads, "num_kv_heads"}, {-1, "L"}, dim}, op, arg);
-      !s.ok()) {
-    return s;
-  }
-  return check_data(t, op, arg);
-}
-
-// A snapshot this cache can read: contiguous kind, same layout, arrays of the right size.
-Status check_snapshot(const KVCacheOptions& o, const Snapshot& s, std::string_view op,
-                      std::string_view arg) {
-  const std::string prefix = std::string(op) + ": " + std::string(arg);
-  if (s.kind() != CacheKind::contiguous) {
-    return Status::invalid_argument(prefix + " is of a " + name(s.kind()) +
-                                    " cache, expected contiguous");
-  }
-  const std::vector<int64_t> want = layout_of(o);
-  if (s.layout() != want) {
-    return Status::invalid_argument(prefix + " has layout " + join(s.layout()) + ", expected " +
-                                    join(want) +
-                                    " (layers, batch, num_kv_heads, head_dim, head_dim_v, dtype)");
-  }
-  if (s.begin() < 0 || s.end() < s.begin()) {
-    return Status::invalid_argument(prefix + " covers [" + str(s.begin()) + ", " + str(s.end()) +
-                                    "), expected 0 <= begin <= end");
-  }
-  const size_t num_arrays = 2 * static_cast<size_t>(o.num_layers);
-  if (s.arrays().size() != num_arrays) {
-    return Status::invalid_argument(prefix + " has " + std::to_string(s.arrays().size()) +
-                                    " arrays, expected " + std::to_string(num_arrays));
-  }
-  for (size_t a = 0; a < num_arrays; ++a) {
-    const Buffer& b = s.arrays()[a];
-    const size_t bytes = snapshot_view(o, s, a, 0, s.end() - s.begin()).num_bytes();
-    if (b.num_bytes() != bytes || !b.device().is_cpu()) {
-      return Status::invalid_argument(
-          prefix + " array " + std::to_string(a) + " has " + std::to_string(b.num_bytes()) +
-          " bytes on " + to_string(b.device()) + ", expected " + std::to_string(bytes) + " on cpu");
-    }
-  }
-  return Status();
+// What this cache reads as a snapshot: arrays [k_0, v_0, ...], each [batch, end - begin, H, dim].
+detail::SnapshotSpec snapshot_spec(const KVCacheOptions& o) {
+  return {CacheKind::contiguous,
+          layout_of(o),
+          "(layers, batch, num_kv_heads, head_dim, head_dim_v, dtype)",
+          /*allow_empty=*/true,
+          2 * static_cast<size_t>(o.num_layers),
+          [&o](const Snapshot& s, size_t array) {
+            return snapshot_view(o, s, array, 0, s.end() - s.begin()).num_bytes();
+          }};
 }
 
 // A snapshot [begin, end) of `cache_id` whose array a is the concatenation, along tokens, of
@@ -217,23 +150,19 @@ KVCache::KVCache(const KVCacheOptions& options)
 KVCache::~KVCache() = default;
 
 Result<std::unique_ptr<KVCache>> KVCache::create(const KVCacheOptions& options) {
-  const std::string op = "KVCache.create: ";
-  const auto positive = [&](int64_t value, const char* field) -> Status {
-    if (value > 0) return Status();
-    return Status::invalid_argument(op + field + " is " + str(value) + ", expected > 0");
-  };
-  if (Status s = positive(options.num_layers, "num_layers"); !s.ok()) return s;
-  if (Status s = positive(options.num_kv_heads, "num_kv_heads"); !s.ok()) return s;
-  if (Status s = positive(options.head_dim, "head_dim"); !s.ok()) return s;
-  if (Status s = positive(options.batch, "batch"); !s.ok()) return s;
+  constexpr std::string_view kOp = "KVCache.create";
+  const std::string op = std::string(kOp) + ": ";
+  for (const auto& [value, field] :
+       {std::pair{options.num_layers, "num_layers"},
+        std::pair{options.num_kv_heads, "num_kv_heads"}, std::pair{options.head_dim, "head_dim"},
+        std::pair{options.batch, "batch"}}) {
+    if (Status s = detail::check_positive(kOp, field, value); !s.ok()) return s;
+  }
   if (options.head_dim_v < 0) {
     return Status::invalid_argument(op + "head_dim_v is " + str(options.head_dim_v) +
                                     ", expected >= 0 (0 means head_dim)");
   }
-  if (options.dtype != DType::f32 && options.dtype != DType::f16 && options.dtype != DType::bf16) {
-    return Status::invalid_argument(op + "dtype is " + name(options.dtype) +
-                                    ", expected f32, f16 or bf16");
-  }
+  if (Status s = detail::check_float_dtype(kOp, options.dtype); !s.ok()) return s;
   if (options.capacity < 0) {
     return Status::invalid_argument(op + "capacity is " + str(options.capacity) +
                                     ", expected >= 0");
@@ -396,7 +325,7 @@ void KVCache::clear() {
 }
 
 Status KVCache::truncate(int64_t n) {
-  if (Status s = check_position(n, len_, "KVCache.truncate", "n"); !s.ok()) return s;
+  if (Status s = detail::check_position("KVCache.truncate", "n", n, len_); !s.ok()) return s;
   len_ = n;
   std::fill(pending_.begin(), pending_.end(), 0);
   return Status();
@@ -416,17 +345,13 @@ Result<CacheViews> KVCache::update(const TensorView& keys, const TensorView& val
                                     " tokens are pending from append, expected none (call "
                                     "advance first)");
   }
-  if (Status s = check_update_input(options_, keys, 0, kOp, "keys"); !s.ok()) return s;
-  if (Status s = check_update_input(options_, values, 1, kOp, "values"); !s.ok()) return s;
+  const KVCacheOptions& o = options_;
+  if (Status s = detail::check_update_inputs(
+          keys, values, {o.dtype, o.batch, o.num_kv_heads, o.head_dim, o.head_dim_v}, kOp);
+      !s.ok()) {
+    return s;
+  }
   const int64_t n = keys.shape[2];
-  if (n < 1) {
-    return Status::invalid_argument(std::string(kOp) + ": keys has " + str(n) +
-                                    " tokens (L), expected at least 1");
-  }
-  if (values.shape[2] != n) {
-    return Status::invalid_argument(std::string(kOp) + ": values has " + str(values.shape[2]) +
-                                    " tokens (L), expected " + str(n) + " (as many as keys)");
-  }
   std::vector<Buffer> retired;
   if (Status s = reserve(len_, n, kOp, &retired); !s.ok()) return s;
   copy_or_die(keys, head_major(storage(0, len_, n)));
@@ -446,7 +371,7 @@ std::vector<TensorView> KVCache::state() const {
 }
 
 Result<std::optional<Snapshot>> KVCache::snapshot(int64_t from) const {
-  if (Status s = check_position(from, len_, "KVCache.snapshot", "from"); !s.ok()) return s;
+  if (Status s = detail::check_position("KVCache.snapshot", "from", from, len_); !s.ok()) return s;
   if (from == len_) return std::optional<Snapshot>();
   const int64_t n = len_ - from;
   Result<Snapshot> s = make_snapshot(options_, id(), from, len_, 1,
@@ -456,7 +381,9 @@ Result<std::optional<Snapshot>> KVCache::snapshot(int64_t from) const {
 }
 
 Status KVCache::restore(int64_t target) {
-  if (Status s = check_position(target, len_, "KVCache.restore", "target"); !s.ok()) return s;
+  if (Status s = detail::check_position("KVCache.restore", "target", target, len_); !s.ok()) {
+    return s;
+  }
   len_ = target;
   std::fill(pending_.begin(), pending_.end(), 0);
   return Status();
@@ -464,19 +391,17 @@ Status KVCache::restore(int64_t target) {
 
 Status KVCache::restore(const Snapshot& snapshot, int64_t target) {
   constexpr std::string_view kOp = "KVCache.restore";
-  if (Status s = check_snapshot(options_, snapshot, kOp, "snapshot"); !s.ok()) return s;
+  if (Status s = detail::check_snapshot(snapshot, snapshot_spec(options_), kOp, "snapshot");
+      !s.ok()) {
+    return s;
+  }
   const int64_t a = snapshot.begin();
-  const int64_t b = snapshot.end();
   if (a > len_) {
     return Status::invalid_argument(
         std::string(kOp) + ": snapshot begins at " + str(a) + " but the cache holds " + str(len_) +
         " tokens, expected begin <= " + str(len_) + " (the cache must hold [0, begin))");
   }
-  if (target < a || target > b) {
-    return Status::invalid_argument(std::string(kOp) + ": target is " + str(target) +
-                                    ", expected " + str(a) + " <= target <= " + str(b) +
-                                    " (the snapshot covers [" + str(a) + ", " + str(b) + "))");
-  }
+  if (Status s = detail::check_target_in(kOp, snapshot, target); !s.ok()) return s;
   std::vector<Buffer> retired;
   if (Status s = reserve(a, target - a, kOp, &retired); !s.ok()) return s;
   // Only [a, target) is copied: the rewind to target would drop the rest.
@@ -491,28 +416,12 @@ Status KVCache::restore(const Snapshot& snapshot, int64_t target) {
 
 Result<Snapshot> KVCache::merge(std::optional<Snapshot>&& parent,
                                 std::optional<Snapshot>&& child) const {
-  constexpr std::string_view kOp = "KVCache.merge";
-  if (!parent || !child) {
-    return Status::invalid_argument(std::string(kOp) + ": " + (parent ? "child" : "parent") +
-                                    " is missing, expected a snapshot");
+  if (Status s = detail::check_merge(parent, child, snapshot_spec(options_), "KVCache.merge");
+      !s.ok()) {
+    return s;
   }
-  if (Status s = check_snapshot(options_, *parent, kOp, "parent"); !s.ok()) return s;
-  if (Status s = check_snapshot(options_, *child, kOp, "child"); !s.ok()) return s;
   const Snapshot& p = *parent;
   const Snapshot& c = *child;
-  if (p.cache_id() != c.cache_id()) {
-    return Status::invalid_argument(
-        std::string(kOp) + ": child comes from cache " + std::to_string(c.cache_id()) +
-        ", expected the parent's cache " + std::to_string(p.cache_id()));
-  }
-  if (p.end() != c.begin()) {
-    return Status::invalid_argument(std::string(kOp) + ": parent covers [" + str(p.begin()) + ", " +
-                                    str(p.end()) + ") and child [" + str(c.begin()) + ", " +
-                                    str(c.end()) +
-                                    "), expected adjacent ranges (child "
-                                    "beginning at " +
-                                    str(p.end()) + ")");
-  }
   Result<Snapshot> merged =
       make_snapshot(options_, p.cache_id(), p.begin(), c.end(), 2, [&](size_t a, int i) {
         const Snapshot& s = i == 0 ? p : c;
@@ -525,7 +434,10 @@ Result<Snapshot> KVCache::merge(std::optional<Snapshot>&& parent,
 }
 
 Result<SnapshotPair> KVCache::split(Snapshot&& s, int64_t at) const {
-  if (Status st = check_snapshot(options_, s, "KVCache.split", "s"); !st.ok()) return st;
+  if (Status st = detail::check_snapshot(s, snapshot_spec(options_), "KVCache.split", "s");
+      !st.ok()) {
+    return st;
+  }
   SnapshotPair out;
   if (at <= s.begin()) {
     out.second.emplace(std::move(s));

@@ -2,7 +2,6 @@
 #include "kvcache/contiguous_cache.h"
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <random>
@@ -24,70 +23,15 @@ namespace kvcache {
 namespace {
 
 using Bytes = std::vector<uint8_t>;
+using testing::fingerprint;
 using testing::has_error;
+using testing::random_tensor;
+using testing::RandomTensor;
 using testing::seed_trace;
+using testing::state_bytes;
 using testing::test_seed;
+using testing::value_or_fail;
 using testing::view_bytes;
-
-// A random bit pattern that is a finite, non-zero value of dtype (f32, f16 or bf16).
-uint32_t random_bits(DType dtype, std::mt19937& rng) {
-  for (;;) {
-    const auto r = static_cast<uint32_t>(rng());
-    switch (dtype) {
-      case DType::f32:
-        if (((r >> 23) & 0xffu) != 0xffu && (r & 0x7fffffffu) != 0) return r;
-        break;
-      case DType::f16:
-        if (((r >> 10) & 0x1fu) != 0x1fu && (r & 0x7fffu) != 0) return r & 0xffffu;
-        break;
-      default:  // bf16
-        if (((r >> 7) & 0xffu) != 0xffu && (r & 0x7fffu) != 0) return r & 0xffffu;
-        break;
-    }
-  }
-}
-
-// An owned random input. Strided inputs swap the two outer axes in memory and pad the last
-// axis, so the view is not contiguous and the padding (also random) must never be read.
-struct Tensor {
-  std::vector<uint64_t> storage;
-  TensorView view;
-};
-
-Tensor random_tensor(DType dtype, std::vector<int64_t> shape, std::mt19937& rng,
-                     bool strided = false) {
-  const int rank = static_cast<int>(shape.size());
-  std::vector<int64_t> physical = shape;
-  std::vector<int> perm(shape.size());
-  for (int i = 0; i < rank; ++i) perm[i] = i;
-  if (strided && rank >= 2) {
-    physical[rank - 1] += 2;
-    std::swap(physical[0], physical[1]);
-    std::swap(perm[0], perm[1]);
-  }
-  std::vector<int64_t> physical_strides(shape.size());
-  int64_t numel = 1;
-  for (int i = rank - 1; i >= 0; --i) {
-    physical_strides[i] = numel;
-    numel *= physical[i];
-  }
-  const size_t es = size_of(dtype);
-  Tensor t;
-  t.storage.resize((static_cast<size_t>(numel) * es + 7) / 8 + 1);
-  auto* bytes = reinterpret_cast<uint8_t*>(t.storage.data());
-  for (int64_t i = 0; i < numel; ++i) {
-    const uint32_t bits = random_bits(dtype, rng);
-    std::memcpy(bytes + i * static_cast<int64_t>(es), &bits, es);
-  }
-  t.view.data = t.storage.data();
-  t.view.dtype = dtype;
-  t.view.rank = rank;
-  for (int i = 0; i < rank; ++i) {
-    t.view.shape[i] = shape[i];
-    t.view.strides[i] = physical_strides[perm[i]];
-  }
-  return t;
-}
 
 // Batch row b of a [batch, n, H, D] view.
 TensorView row(const TensorView& t, int64_t b) {
@@ -106,34 +50,25 @@ void append_to(Bytes& dst, const Bytes& src) { dst.insert(dst.end(), src.begin()
 
 // Everything observable about a cache's contents, for "a refusal changes nothing" checks.
 struct Captured {
+  testing::CacheFingerprint fingerprint;
   int64_t len = 0;
-  int64_t offset = 0;
   int64_t capacity = 0;
-  std::vector<Bytes> state;
 };
 
 Captured capture(const KVCache& cache) {
-  Captured c{cache.len(), cache.offset(), cache.capacity(), {}};
-  for (const TensorView& t : cache.state()) c.state.push_back(view_bytes(t));
-  return c;
+  return {fingerprint(cache), cache.len(), cache.capacity()};
 }
 
 void expect_unchanged(const KVCache& cache, const Captured& before) {
   const Captured now = capture(cache);
   EXPECT_EQ(now.len, before.len);
-  EXPECT_EQ(now.offset, before.offset);
   EXPECT_EQ(now.capacity, before.capacity);
-  EXPECT_TRUE(now.state == before.state) << "state bytes changed";
+  EXPECT_EQ(now.fingerprint, before.fingerprint);
 }
 
 // The cache, or null (with a test failure) when create() refuses.
 std::unique_ptr<KVCache> must_create(const KVCacheOptions& options) {
-  Result<std::unique_ptr<KVCache>> r = KVCache::create(options);
-  if (!r.ok()) {
-    ADD_FAILURE() << r.status().to_string();
-    return nullptr;
-  }
-  return std::move(*r);
+  return value_or_fail(KVCache::create(options));
 }
 
 KVCacheOptions small_options(DType dtype = DType::f32) {
@@ -147,9 +82,9 @@ KVCacheOptions small_options(DType dtype = DType::f32) {
 }
 
 // Appends n random tokens to every layer and advances; returns the inputs, [layer][k|v].
-std::vector<Tensor> fill(KVCache& cache, int64_t n, std::mt19937& rng, bool strided = false) {
+std::vector<RandomTensor> fill(KVCache& cache, int64_t n, std::mt19937& rng, bool strided = false) {
   const KVCacheOptions& o = cache.options();
-  std::vector<Tensor> inputs;
+  std::vector<RandomTensor> inputs;
   for (int64_t l = 0; l < o.num_layers; ++l) {
     inputs.push_back(
         random_tensor(o.dtype, {o.batch, n, o.num_kv_heads, o.head_dim}, rng, strided));
@@ -163,7 +98,7 @@ std::vector<Tensor> fill(KVCache& cache, int64_t n, std::mt19937& rng, bool stri
 
 // The expected state() bytes after appending `chunks` (each fill()'s result) in order.
 std::vector<Bytes> expected_state(const KVCacheOptions& o,
-                                  const std::vector<std::vector<Tensor>>& chunks) {
+                                  const std::vector<std::vector<RandomTensor>>& chunks) {
   std::vector<Bytes> out(2 * static_cast<size_t>(o.num_layers));
   for (size_t a = 0; a < out.size(); ++a) {
     for (int64_t b = 0; b < o.batch; ++b) {
@@ -323,7 +258,7 @@ TEST_P(KVCacheDtypeTest, AppendIsInvisibleUntilAdvance) {
   auto cache = must_create(small_options(GetParam()));
   ASSERT_NE(cache, nullptr);
   // Rank 3 inputs (batch 1), then rank 4.
-  std::vector<Tensor> first;
+  std::vector<RandomTensor> first;
   for (int64_t l = 0; l < 2; ++l) {
     first.push_back(random_tensor(GetParam(), {3, 2, 3}, rng));
     first.push_back(random_tensor(GetParam(), {3, 2, 4}, rng));
@@ -333,7 +268,7 @@ TEST_P(KVCacheDtypeTest, AppendIsInvisibleUntilAdvance) {
   }
   ASSERT_OK(cache->advance());
   EXPECT_EQ(cache->len(), 3);
-  std::vector<Tensor> second;
+  std::vector<RandomTensor> second;
   for (int64_t l = 0; l < 2; ++l) {
     second.push_back(random_tensor(GetParam(), {1, 2, 2, 3}, rng));
     second.push_back(random_tensor(GetParam(), {1, 2, 2, 4}, rng));
@@ -370,11 +305,11 @@ TEST_P(KVCacheDtypeTest, BatchRowsAndHeadDimV) {
   o.head_dim_v = 5;
   auto cache = must_create(o);
   ASSERT_NE(cache, nullptr);
-  std::vector<std::vector<Tensor>> chunks;
+  std::vector<std::vector<RandomTensor>> chunks;
   chunks.push_back(fill(*cache, 4, rng));
   chunks.push_back(fill(*cache, 3, rng, /*strided=*/true));
   ASSERT_EQ(cache->len(), 7);
-  EXPECT_EQ(capture(*cache).state, expected_state(o, chunks));
+  EXPECT_EQ(state_bytes(*cache), expected_state(o, chunks));
   for (int64_t l = 0; l < 2; ++l) {
     Result<TensorView> k = cache->k(l);
     Result<TensorView> v = cache->v(l);
@@ -407,10 +342,10 @@ TEST(KVCacheAppend, StridedInputs) {
     auto cache = must_create(o);
     ASSERT_NE(cache, nullptr);
     // Rank 3 for batch 1: [n, H, D] with n and H swapped in memory.
-    Tensor k = batch == 1 ? random_tensor(o.dtype, {4, 2, 3}, rng, true)
-                          : random_tensor(o.dtype, {2, 4, 2, 3}, rng, true);
-    Tensor v = batch == 1 ? random_tensor(o.dtype, {4, 2, 4}, rng, true)
-                          : random_tensor(o.dtype, {2, 4, 2, 4}, rng, true);
+    RandomTensor k = batch == 1 ? random_tensor(o.dtype, {4, 2, 3}, rng, true)
+                                : random_tensor(o.dtype, {2, 4, 2, 3}, rng, true);
+    RandomTensor v = batch == 1 ? random_tensor(o.dtype, {4, 2, 4}, rng, true)
+                                : random_tensor(o.dtype, {2, 4, 2, 4}, rng, true);
     ASSERT_FALSE(k.view.is_contiguous());
     ASSERT_FALSE(v.view.is_contiguous());
     ASSERT_OK(cache->append(0, k.view, v.view));
@@ -461,13 +396,13 @@ TEST(KVCacheAppend, GrowthDoublesAndKeepsContents) {
   o.batch = 2;
   auto cache = must_create(o);
   ASSERT_NE(cache, nullptr);
-  std::vector<std::vector<Tensor>> chunks;
+  std::vector<std::vector<RandomTensor>> chunks;
   // max(2 * capacity, needed) after each chunk.
   const std::pair<int64_t, int64_t> steps[] = {{3, 3}, {1, 6}, {2, 6}, {1, 12}, {20, 27}};
   for (const auto& [n, capacity] : steps) {
     chunks.push_back(fill(*cache, n, rng));
     EXPECT_EQ(cache->capacity(), capacity);
-    EXPECT_EQ(capture(*cache).state, expected_state(o, chunks));
+    EXPECT_EQ(state_bytes(*cache), expected_state(o, chunks));
   }
 }
 
@@ -478,17 +413,17 @@ TEST(KVCacheAppend, GrowthKeepsPendingTokensOfOtherLayers) {
   KVCacheOptions o = small_options();
   auto cache = must_create(o);
   ASSERT_NE(cache, nullptr);
-  std::vector<std::vector<Tensor>> chunks;
+  std::vector<std::vector<RandomTensor>> chunks;
   chunks.push_back(fill(*cache, 3, rng));
   chunks.push_back(fill(*cache, 1, rng));
   ASSERT_EQ(cache->capacity(), 6);
   // Layer 0 gets 2 + 1 tokens; layer 1's 3 tokens in between force the growth.
-  Tensor k0a = random_tensor(o.dtype, {2, 2, 3}, rng);
-  Tensor v0a = random_tensor(o.dtype, {2, 2, 4}, rng);
-  Tensor k0b = random_tensor(o.dtype, {1, 2, 3}, rng);
-  Tensor v0b = random_tensor(o.dtype, {1, 2, 4}, rng);
-  Tensor k1 = random_tensor(o.dtype, {3, 2, 3}, rng);
-  Tensor v1 = random_tensor(o.dtype, {3, 2, 4}, rng);
+  RandomTensor k0a = random_tensor(o.dtype, {2, 2, 3}, rng);
+  RandomTensor v0a = random_tensor(o.dtype, {2, 2, 4}, rng);
+  RandomTensor k0b = random_tensor(o.dtype, {1, 2, 3}, rng);
+  RandomTensor v0b = random_tensor(o.dtype, {1, 2, 4}, rng);
+  RandomTensor k1 = random_tensor(o.dtype, {3, 2, 3}, rng);
+  RandomTensor v1 = random_tensor(o.dtype, {3, 2, 4}, rng);
   ASSERT_OK(cache->append(0, k0a.view, v0a.view));
   ASSERT_OK(cache->append(1, k1.view, v1.view));
   EXPECT_EQ(cache->capacity(), 12);
@@ -502,7 +437,7 @@ TEST(KVCacheAppend, GrowthKeepsPendingTokensOfOtherLayers) {
   append_to(want[1], view_bytes(v0b.view));
   append_to(want[2], view_bytes(k1.view));
   append_to(want[3], view_bytes(v1.view));
-  EXPECT_EQ(capture(*cache).state, want);
+  EXPECT_EQ(state_bytes(*cache), want);
 }
 
 TEST(KVCacheAppend, FixedCapacityExceeded) {
@@ -514,8 +449,8 @@ TEST(KVCacheAppend, FixedCapacityExceeded) {
   KVCache& cache = **r;
   fill(cache, 14, rng);
   const Captured before = capture(cache);
-  Tensor k = random_tensor(DType::f32, {5, 2, 4}, rng);
-  Tensor v = random_tensor(DType::f32, {5, 2, 4}, rng);
+  RandomTensor k = random_tensor(DType::f32, {5, 2, 4}, rng);
+  RandomTensor v = random_tensor(DType::f32, {5, 2, 4}, rng);
   EXPECT_TRUE(has_error(cache.append(0, k.view, v.view), Code::resource_exhausted,
                         "KVCache.append: 5 tokens at length 14 exceed the fixed capacity 16, "
                         "expected at most 2"));
@@ -524,8 +459,8 @@ TEST(KVCacheAppend, FixedCapacityExceeded) {
   EXPECT_EQ(cache.len(), 14);
   fill(cache, 2, rng);
   EXPECT_EQ(cache.len(), 16);
-  Tensor k1 = random_tensor(DType::f32, {1, 2, 4}, rng);
-  Tensor v1 = random_tensor(DType::f32, {1, 2, 4}, rng);
+  RandomTensor k1 = random_tensor(DType::f32, {1, 2, 4}, rng);
+  RandomTensor v1 = random_tensor(DType::f32, {1, 2, 4}, rng);
   EXPECT_TRUE(has_error(cache.append(0, k1.view, v1.view), Code::resource_exhausted,
                         "1 tokens at length 16 exceed the fixed capacity 16, expected at most 0"));
 
@@ -533,8 +468,8 @@ TEST(KVCacheAppend, FixedCapacityExceeded) {
   Result<std::unique_ptr<KVCache>> r2 = KVCache::with_capacity(2, 2, 4, 16);
   ASSERT_OK(r2);
   fill(**r2, 10, rng);
-  Tensor k6 = random_tensor(DType::f32, {6, 2, 4}, rng);
-  Tensor v6 = random_tensor(DType::f32, {6, 2, 4}, rng);
+  RandomTensor k6 = random_tensor(DType::f32, {6, 2, 4}, rng);
+  RandomTensor v6 = random_tensor(DType::f32, {6, 2, 4}, rng);
   ASSERT_OK((*r2)->append(0, k6.view, v6.view));
   EXPECT_TRUE(has_error((*r2)->append(0, k1.view, v1.view), Code::resource_exhausted,
                         "1 tokens at length 16 exceed"));
@@ -554,27 +489,27 @@ TEST(KVCacheAppend, RefusalsChangeNothing) {
   ASSERT_NE(cache, nullptr);
   fill(*cache, 3, rng);
   // Layer 0 holds 2 pending tokens throughout.
-  Tensor pk = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
-  Tensor pv = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  RandomTensor pk = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
+  RandomTensor pv = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
   ASSERT_OK(cache->append(0, pk.view, pv.view));
   const Captured before = capture(*cache);
 
-  const Tensor k = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
-  const Tensor v = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  const RandomTensor k = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
+  const RandomTensor v = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
   const auto with = [](TensorView t, auto edit) {
     edit(t);
     return t;
   };
-  const Tensor k_f16 = random_tensor(DType::f16, {2, 2, 2, 3}, rng);
-  const Tensor v_bf16 = random_tensor(DType::bf16, {2, 2, 2, 4}, rng);
-  const Tensor v3 = random_tensor(o.dtype, {2, 3, 2, 4}, rng);
-  const Tensor k_rank3 = random_tensor(o.dtype, {2, 2, 3}, rng);
-  const Tensor k_rank2 = random_tensor(o.dtype, {2, 6}, rng);
-  const Tensor k_rank5 = random_tensor(o.dtype, {2, 2, 2, 3, 1}, rng);
-  const Tensor k_batch1 = random_tensor(o.dtype, {1, 2, 2, 3}, rng);
-  const Tensor k_heads3 = random_tensor(o.dtype, {2, 2, 3, 3}, rng);
-  const Tensor k_dim4 = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
-  const Tensor v_dim3 = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
+  const RandomTensor k_f16 = random_tensor(DType::f16, {2, 2, 2, 3}, rng);
+  const RandomTensor v_bf16 = random_tensor(DType::bf16, {2, 2, 2, 4}, rng);
+  const RandomTensor v3 = random_tensor(o.dtype, {2, 3, 2, 4}, rng);
+  const RandomTensor k_rank3 = random_tensor(o.dtype, {2, 2, 3}, rng);
+  const RandomTensor k_rank2 = random_tensor(o.dtype, {2, 6}, rng);
+  const RandomTensor k_rank5 = random_tensor(o.dtype, {2, 2, 2, 3, 1}, rng);
+  const RandomTensor k_batch1 = random_tensor(o.dtype, {1, 2, 2, 3}, rng);
+  const RandomTensor k_heads3 = random_tensor(o.dtype, {2, 2, 3, 3}, rng);
+  const RandomTensor k_dim4 = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  const RandomTensor v_dim3 = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
   struct Case {
     int64_t layer;
     TensorView k;
@@ -619,7 +554,7 @@ TEST(KVCacheAppend, RefusalsChangeNothing) {
   auto one = must_create(small_options());
   ASSERT_NE(one, nullptr);
   const Captured empty = capture(*one);
-  const Tensor v1 = random_tensor(o.dtype, {2, 2, 4}, rng);
+  const RandomTensor v1 = random_tensor(o.dtype, {2, 2, 4}, rng);
   EXPECT_TRUE(
       has_error(one->append(0, k_rank2.view, v1.view), Code::invalid_argument, "k has rank 2"));
   EXPECT_TRUE(
@@ -638,10 +573,10 @@ TEST(KVCacheAdvance, RefusesUnequalPending) {
   fill(*cache, 2, rng);
   ASSERT_OK(cache->advance());  // nothing pending: no-op
   EXPECT_EQ(cache->len(), 2);
-  const Tensor k2 = random_tensor(o.dtype, {2, 2, 3}, rng);
-  const Tensor v2 = random_tensor(o.dtype, {2, 2, 4}, rng);
-  const Tensor k1 = random_tensor(o.dtype, {1, 2, 3}, rng);
-  const Tensor v1 = random_tensor(o.dtype, {1, 2, 4}, rng);
+  const RandomTensor k2 = random_tensor(o.dtype, {2, 2, 3}, rng);
+  const RandomTensor v2 = random_tensor(o.dtype, {2, 2, 4}, rng);
+  const RandomTensor k1 = random_tensor(o.dtype, {1, 2, 3}, rng);
+  const RandomTensor v1 = random_tensor(o.dtype, {1, 2, 4}, rng);
   ASSERT_OK(cache->append(1, k2.view, v2.view));
   EXPECT_TRUE(has_error(cache->advance(), Code::invalid_argument,
                         "KVCache.advance: layer 1 has 2 pending tokens, expected 0 (as layer 0)"));
@@ -703,20 +638,20 @@ TEST(KVCacheRewind, TruncateRestoreAndClear) {
   const std::vector<Bytes> first4 = state_range(*cache, 0, 4);
   ASSERT_OK(cache->truncate(4));
   EXPECT_EQ(cache->len(), 4);
-  EXPECT_EQ(capture(*cache).state, first4);
+  EXPECT_EQ(state_bytes(*cache), first4);
 
   Captured before = capture(*cache);
   EXPECT_TRUE(has_error(cache->truncate(-1), Code::invalid_argument,
-                        "KVCache.truncate: n is -1, expected 0 <= n <= 4"));
+                        "KVCache.truncate: n is -1, expected 0 <= n <= offset (4)"));
   EXPECT_TRUE(has_error(cache->truncate(5), Code::invalid_argument, "n is 5, expected"));
   EXPECT_TRUE(has_error(cache->restore(-1), Code::invalid_argument,
-                        "KVCache.restore: target is -1, expected 0 <= target <= 4"));
+                        "KVCache.restore: target is -1, expected 0 <= target <= offset (4)"));
   EXPECT_TRUE(has_error(cache->restore(5), Code::invalid_argument, "target is 5, expected"));
   expect_unchanged(*cache, before);
 
   // Both drop what is pending.
-  const Tensor k = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
-  const Tensor v = random_tensor(o.dtype, {2, 1, 2, 4}, rng);
+  const RandomTensor k = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
+  const RandomTensor v = random_tensor(o.dtype, {2, 1, 2, 4}, rng);
   ASSERT_OK(cache->append(0, k.view, v.view));
   ASSERT_OK(cache->truncate(4));
   ASSERT_OK(cache->advance());
@@ -725,7 +660,7 @@ TEST(KVCacheRewind, TruncateRestoreAndClear) {
   ASSERT_OK(cache->restore(3));
   ASSERT_OK(cache->advance());
   EXPECT_EQ(cache->len(), 3);
-  EXPECT_EQ(capture(*cache).state, state_range(*cache, 0, 3));
+  EXPECT_EQ(state_bytes(*cache), state_range(*cache, 0, 3));
   ASSERT_OK(cache->restore(3));
   EXPECT_EQ(cache->len(), 3);
 
@@ -755,12 +690,12 @@ TEST(KVCacheUpdate, AppendsAndReturnsHeadMajorViews) {
   // Expected bytes per (batch, head) in token order, and per batch in [len, H, D] order.
   std::vector<Bytes> want_k(4);
   std::vector<Bytes> want_v(4);
-  std::vector<Tensor> chunks_k;
-  std::vector<Tensor> chunks_v;
+  std::vector<RandomTensor> chunks_k;
+  std::vector<RandomTensor> chunks_v;
   int64_t len = 0;
   for (const auto& [n, strided] : {std::pair{3, false}, std::pair{1, true}, std::pair{4, true}}) {
-    Tensor k = random_tensor(o.dtype, {2, 2, n, 3}, rng, strided);
-    Tensor v = random_tensor(o.dtype, {2, 2, n, 5}, rng, strided);
+    RandomTensor k = random_tensor(o.dtype, {2, 2, n, 3}, rng, strided);
+    RandomTensor v = random_tensor(o.dtype, {2, 2, n, 5}, rng, strided);
     Result<CacheViews> views = cache->update(k.view, v.view);
     ASSERT_OK(views);
     len += n;
@@ -790,7 +725,7 @@ TEST(KVCacheUpdate, AppendsAndReturnsHeadMajorViews) {
   // state() holds the same tokens token-major.
   Bytes state_k;
   for (int64_t b = 0; b < 2; ++b) {
-    for (const Tensor& t : chunks_k) {
+    for (const RandomTensor& t : chunks_k) {
       TensorView token_major = row(t.view, b);  // [H, n, D]
       std::swap(token_major.shape[0], token_major.shape[1]);
       std::swap(token_major.strides[0], token_major.strides[1]);
@@ -800,12 +735,12 @@ TEST(KVCacheUpdate, AppendsAndReturnsHeadMajorViews) {
   EXPECT_EQ(view_bytes(cache->state()[0]), state_k);
 
   // The layer API and update() share one storage.
-  const Tensor ak = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
-  const Tensor av = random_tensor(o.dtype, {2, 1, 2, 5}, rng);
+  const RandomTensor ak = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
+  const RandomTensor av = random_tensor(o.dtype, {2, 1, 2, 5}, rng);
   ASSERT_OK(cache->append(0, ak.view, av.view));
   ASSERT_OK(cache->advance());
-  const Tensor k = random_tensor(o.dtype, {2, 2, 1, 3}, rng);
-  const Tensor v = random_tensor(o.dtype, {2, 2, 1, 5}, rng);
+  const RandomTensor k = random_tensor(o.dtype, {2, 2, 1, 3}, rng);
+  const RandomTensor v = random_tensor(o.dtype, {2, 2, 1, 5}, rng);
   Result<CacheViews> views = cache->update(k.view, v.view);
   ASSERT_OK(views);
   EXPECT_EQ(views->keys.shape[2], len + 2);
@@ -815,8 +750,8 @@ TEST(KVCacheUpdate, RefusalsChangeNothing) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
   std::mt19937 rng(seed);
-  const Tensor k = random_tensor(DType::f32, {2, 2, 3, 3}, rng);
-  const Tensor v = random_tensor(DType::f32, {2, 2, 3, 4}, rng);
+  const RandomTensor k = random_tensor(DType::f32, {2, 2, 3, 3}, rng);
+  const RandomTensor v = random_tensor(DType::f32, {2, 2, 3, 4}, rng);
 
   KVCacheOptions o = small_options();
   o.batch = 2;
@@ -833,8 +768,8 @@ TEST(KVCacheUpdate, RefusalsChangeNothing) {
   auto cache = must_create(o);
   ASSERT_NE(cache, nullptr);
   ASSERT_OK(cache->update(k.view, v.view));
-  const Tensor pk = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
-  const Tensor pv = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  const RandomTensor pk = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
+  const RandomTensor pv = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
   ASSERT_OK(cache->append(0, pk.view, pv.view));
   Captured before = capture(*cache);
   EXPECT_TRUE(has_error(cache->update(k.view, v.view), Code::invalid_argument,
@@ -847,13 +782,13 @@ TEST(KVCacheUpdate, RefusalsChangeNothing) {
     edit(t);
     return t;
   };
-  const Tensor k_rank3 = random_tensor(o.dtype, {2, 3, 3}, rng);
-  const Tensor k_batch1 = random_tensor(o.dtype, {1, 2, 3, 3}, rng);
-  const Tensor k_heads3 = random_tensor(o.dtype, {2, 3, 3, 3}, rng);
-  const Tensor k_dim4 = random_tensor(o.dtype, {2, 2, 3, 4}, rng);
-  const Tensor v_dim3 = random_tensor(o.dtype, {2, 2, 3, 3}, rng);
-  const Tensor k_bf16 = random_tensor(DType::bf16, {2, 2, 3, 3}, rng);
-  const Tensor v_short = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  const RandomTensor k_rank3 = random_tensor(o.dtype, {2, 3, 3}, rng);
+  const RandomTensor k_batch1 = random_tensor(o.dtype, {1, 2, 3, 3}, rng);
+  const RandomTensor k_heads3 = random_tensor(o.dtype, {2, 3, 3, 3}, rng);
+  const RandomTensor k_dim4 = random_tensor(o.dtype, {2, 2, 3, 4}, rng);
+  const RandomTensor v_dim3 = random_tensor(o.dtype, {2, 2, 3, 3}, rng);
+  const RandomTensor k_bf16 = random_tensor(DType::bf16, {2, 2, 3, 3}, rng);
+  const RandomTensor v_short = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
   struct Case {
     TensorView k;
     TensorView v;
@@ -885,8 +820,8 @@ TEST(KVCacheUpdate, RefusalsChangeNothing) {
   ASSERT_NE(fixed, nullptr);
   ASSERT_OK(fixed->update(k.view, v.view));
   before = capture(*fixed);
-  const Tensor k2 = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
-  const Tensor v2 = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
+  const RandomTensor k2 = random_tensor(o.dtype, {2, 2, 2, 3}, rng);
+  const RandomTensor v2 = random_tensor(o.dtype, {2, 2, 2, 4}, rng);
   EXPECT_TRUE(has_error(fixed->update(k2.view, v2.view), Code::resource_exhausted,
                         "KVCache.update: 2 tokens at length 3 exceed the fixed capacity 4, "
                         "expected at most 1"));
@@ -911,7 +846,7 @@ TEST(KVCacheSnapshot, CopiesTheRangeAndLeavesTheCache) {
   ASSERT_OK(none);
   EXPECT_FALSE(none->has_value());
   EXPECT_TRUE(has_error(cache->snapshot(-1), Code::invalid_argument,
-                        "KVCache.snapshot: from is -1, expected 0 <= from <= 7"));
+                        "KVCache.snapshot: from is -1, expected 0 <= from <= offset (7)"));
   EXPECT_TRUE(has_error(cache->snapshot(8), Code::invalid_argument, "from is 8, expected"));
 
   for (int64_t from : {0, 2, 6}) {
@@ -951,28 +886,28 @@ TEST(KVCacheRestore, FromSnapshot) {
 
   ASSERT_OK(cache->restore(snap, 9));
   EXPECT_EQ(cache->len(), 9);
-  EXPECT_EQ(capture(*cache).state, all9);
+  EXPECT_EQ(state_bytes(*cache), all9);
   for (int64_t target : {6, 5}) {
     ASSERT_OK(cache->restore(snap, target));
     EXPECT_EQ(cache->len(), target);
-    EXPECT_EQ(capture(*cache).state, prefix_of(all9, 2, 9, target));
+    EXPECT_EQ(state_bytes(*cache), prefix_of(all9, 2, 9, target));
   }
   // A cache longer than the snapshot's end rewinds too.
   ASSERT_OK(cache->restore(snap, 9));
   fill(*cache, 3, rng);
   ASSERT_OK(cache->restore(snap, 7));
   EXPECT_EQ(cache->len(), 7);
-  EXPECT_EQ(capture(*cache).state, prefix_of(all9, 2, 9, 7));
+  EXPECT_EQ(state_bytes(*cache), prefix_of(all9, 2, 9, 7));
   ASSERT_OK(cache->restore(snap, 9));
-  EXPECT_EQ(capture(*cache).state, all9);
+  EXPECT_EQ(state_bytes(*cache), all9);
   // It drops what is pending.
-  const Tensor pk = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
-  const Tensor pv = random_tensor(o.dtype, {2, 1, 2, 4}, rng);
+  const RandomTensor pk = random_tensor(o.dtype, {2, 1, 2, 3}, rng);
+  const RandomTensor pv = random_tensor(o.dtype, {2, 1, 2, 4}, rng);
   ASSERT_OK(cache->append(1, pk.view, pv.view));
   ASSERT_OK(cache->restore(snap, 8));
   ASSERT_OK(cache->advance());
   EXPECT_EQ(cache->len(), 8);
-  EXPECT_EQ(capture(*cache).state, prefix_of(all9, 2, 9, 8));
+  EXPECT_EQ(state_bytes(*cache), prefix_of(all9, 2, 9, 8));
 
   // Refusals.
   ASSERT_OK(cache->truncate(6));
@@ -1032,7 +967,7 @@ TEST(KVCacheRestore, FromAnotherCacheOfTheSameLayoutAndCapacity) {
   ASSERT_NE(grow, nullptr);
   ASSERT_OK(grow->restore(snap, 20));
   EXPECT_EQ(grow->capacity(), 20);
-  EXPECT_EQ(capture(*grow).state, capture(*big).state);
+  EXPECT_EQ(state_bytes(*grow), state_bytes(*big));
 
   // A fixed one refuses what it cannot hold and takes a prefix that fits.
   o.fixed_capacity = true;
@@ -1046,7 +981,7 @@ TEST(KVCacheRestore, FromAnotherCacheOfTheSameLayoutAndCapacity) {
                         "expected at most 16"));
   expect_unchanged(*fixed, before);
   ASSERT_OK(fixed->restore(snap, 16));
-  EXPECT_EQ(capture(*fixed).state, state_range(*big, 0, 16));
+  EXPECT_EQ(state_bytes(*fixed), state_range(*big, 0, 16));
 }
 
 TEST(KVCacheMerge, JoinsAdjacentSnapshots) {
@@ -1239,8 +1174,8 @@ TEST(KVCacheFree, ReleasesAndIsUsableAgain) {
   fill(*cache, 5, rng);
   Result<std::optional<Snapshot>> snap = cache->snapshot(0);
   ASSERT_OK(snap);
-  const Tensor k = random_tensor(o.dtype, {1, 2, 3}, rng);
-  const Tensor v = random_tensor(o.dtype, {1, 2, 4}, rng);
+  const RandomTensor k = random_tensor(o.dtype, {1, 2, 3}, rng);
+  const RandomTensor v = random_tensor(o.dtype, {1, 2, 4}, rng);
   ASSERT_OK(cache->append(0, k.view, v.view));
   cache->free();
   EXPECT_EQ(cache->len(), 0);
@@ -1248,10 +1183,10 @@ TEST(KVCacheFree, ReleasesAndIsUsableAgain) {
   for (const TensorView& t : cache->state()) EXPECT_EQ(t.numel(), 0);
   ASSERT_OK(cache->advance());  // nothing pending any more
   EXPECT_EQ(cache->len(), 0);
-  std::vector<std::vector<Tensor>> chunks;
+  std::vector<std::vector<RandomTensor>> chunks;
   chunks.push_back(fill(*cache, 2, rng));
   EXPECT_EQ(cache->capacity(), 2);
-  EXPECT_EQ(capture(*cache).state, expected_state(o, chunks));
+  EXPECT_EQ(state_bytes(*cache), expected_state(o, chunks));
   ASSERT_OK(cache->restore(**snap, 5));
   EXPECT_EQ(snapshot_bytes(o, **snap), state_range(*cache, 0, 5));
 
@@ -1270,7 +1205,7 @@ TEST(KVCacheFree, ReleasesAndIsUsableAgain) {
   EXPECT_EQ((*fixed)->capacity(), 0);
   fill(**fixed, 3, rng);
   EXPECT_EQ((*fixed)->capacity(), 16);
-  const Tensor k14 = random_tensor(DType::f32, {14, 2, 4}, rng);
+  const RandomTensor k14 = random_tensor(DType::f32, {14, 2, 4}, rng);
   EXPECT_TRUE(has_error((*fixed)->append(0, k14.view, k14.view), Code::resource_exhausted,
                         "14 tokens at length 3 exceed the fixed capacity 16, expected at most 13"));
 }

@@ -7,21 +7,13 @@
 #include <string>
 #include <utility>
 
+#include "cache/snapshot_checks.h"
 #include "core/check.h"
 
 namespace kvcache {
 namespace {
 
 constexpr size_t kNumArrays = 2;  // conv state, delta state
-
-std::string list_string(const std::vector<int64_t>& values) {
-  std::string out = "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i > 0) out += ", ";
-    out += std::to_string(values[i]);
-  }
-  return out + "]";
-}
 
 TensorView conv_view(const RecurrentCacheOptions& o, void* data) {
   return TensorView::contiguous(data, o.dtype, {o.batch, o.conv_tail, o.conv_dim});
@@ -48,11 +40,9 @@ std::vector<int64_t> layout_of(const RecurrentCacheOptions& o) {
 // The product of dims times the element size, or false when it does not fit in an int64_t
 // element count (which TensorView needs) or a size_t byte count.
 bool checked_bytes(std::initializer_list<int64_t> dims, DType dtype, size_t* bytes) {
-  int64_t numel = 1;
-  for (int64_t d : dims) {
-    if (__builtin_mul_overflow(numel, d, &numel)) return false;
-  }
-  return !__builtin_mul_overflow(static_cast<size_t>(numel), size_of(dtype), bytes);
+  int64_t numel = 0;
+  return detail::checked_product(dims, &numel) &&
+         !__builtin_mul_overflow(static_cast<size_t>(numel), size_of(dtype), bytes);
 }
 
 // Zero-byte states (conv_tail == 0) stay as empty Buffers: no allocation, null data.
@@ -89,78 +79,49 @@ Status check_state_input(const TensorView& t, DType dtype, std::initializer_list
   return check_data(t, kOp, name);
 }
 
-// Kind, layout, arrays and range of a snapshot handed to restore() or merge().
-Status check_snapshot(const Snapshot& s, const RecurrentCacheOptions& o, std::string_view op,
-                      std::string_view label) {
-  const std::string prefix = std::string(op) + ": " + std::string(label);
-  if (s.kind() != CacheKind::recurrent) {
-    return Status::invalid_argument(prefix + " is a " + name(s.kind()) +
-                                    " snapshot, expected a recurrent one");
-  }
-  const std::vector<int64_t> layout = layout_of(o);
-  if (s.layout() != layout) {
-    return Status::invalid_argument(
-        prefix + " has layout " + list_string(s.layout()) + ", expected " + list_string(layout) +
-        " (conv_tail, conv_dim, num_v_heads, head_v_dim, head_k_dim, batch, dtype)");
-  }
-  // A Snapshot can be built by hand, so its arrays are checked like any other input.
-  const std::vector<Buffer>& arrays = s.arrays();
-  if (arrays.size() != kNumArrays || arrays[0].num_bytes() != conv_bytes(o) ||
-      arrays[1].num_bytes() != delta_bytes(o) || !arrays[0].device().is_cpu() ||
-      !arrays[1].device().is_cpu()) {
-    return Status::invalid_argument(prefix +
-                                    " arrays do not match its layout, expected a CPU conv "
-                                    "state of " +
-                                    std::to_string(conv_bytes(o)) +
-                                    " bytes and a CPU delta state of " +
-                                    std::to_string(delta_bytes(o)) + " bytes");
-  }
-  if (s.begin() < 0 || s.begin() >= s.end()) {
-    return Status::invalid_argument(prefix + " covers [" + std::to_string(s.begin()) + ", " +
-                                    std::to_string(s.end()) +
-                                    "), expected a non-empty range at or after 0");
-  }
-  return Status();
+// What this cache reads as a snapshot: [conv state, delta state], never an empty range (a
+// snapshot of nothing is none).
+detail::SnapshotSpec snapshot_spec(const RecurrentCacheOptions& o) {
+  return {
+      CacheKind::recurrent,
+      layout_of(o),
+      "(conv_tail, conv_dim, num_v_heads, head_v_dim, head_k_dim, batch, dtype)",
+      /*allow_empty=*/false,
+      kNumArrays,
+      [&o](const Snapshot&, size_t array) { return array == 0 ? conv_bytes(o) : delta_bytes(o); }};
 }
 
 }  // namespace
 
 Result<std::unique_ptr<RecurrentCache>> RecurrentCache::create(
     const RecurrentCacheOptions& options) {
-  constexpr std::string_view kOp = "RecurrentCache.create: ";
-  const auto positive = [&](int64_t value, const char* label) -> Status {
-    if (value > 0) return Status();
-    return Status::invalid_argument(std::string(kOp) + label + " is " + std::to_string(value) +
-                                    ", expected > 0");
-  };
+  constexpr std::string_view kOp = "RecurrentCache.create";
+  const std::string op = std::string(kOp) + ": ";
   if (options.conv_tail < 0) {
-    return Status::invalid_argument(std::string(kOp) + "conv_tail is " +
-                                    std::to_string(options.conv_tail) + ", expected >= 0");
+    return Status::invalid_argument(op + "conv_tail is " + std::to_string(options.conv_tail) +
+                                    ", expected >= 0");
   }
   if (options.conv_tail > 0) {
-    if (Status s = positive(options.conv_dim, "conv_dim"); !s.ok()) {
+    if (Status s = detail::check_positive(kOp, "conv_dim", options.conv_dim); !s.ok()) {
       return Status::invalid_argument(s.message() + " when conv_tail > 0");
     }
   } else if (options.conv_dim < 0) {
-    return Status::invalid_argument(std::string(kOp) + "conv_dim is " +
-                                    std::to_string(options.conv_dim) + ", expected >= 0");
+    return Status::invalid_argument(op + "conv_dim is " + std::to_string(options.conv_dim) +
+                                    ", expected >= 0");
   }
   for (const auto& [value, label] :
        {std::pair{options.num_v_heads, "num_v_heads"}, std::pair{options.head_v_dim, "head_v_dim"},
         std::pair{options.head_k_dim, "head_k_dim"}, std::pair{options.batch, "batch"}}) {
-    if (Status s = positive(value, label); !s.ok()) return s;
+    if (Status s = detail::check_positive(kOp, label, value); !s.ok()) return s;
   }
-  if (options.dtype != DType::f32 && options.dtype != DType::f16 && options.dtype != DType::bf16) {
-    return Status::invalid_argument(std::string(kOp) + "dtype is " + name(options.dtype) +
-                                    ", expected f32, f16 or bf16");
-  }
+  if (Status s = detail::check_float_dtype(kOp, options.dtype); !s.ok()) return s;
   size_t num_conv_bytes = 0;
   size_t num_delta_bytes = 0;
   if (!checked_bytes({options.batch, options.conv_tail, options.conv_dim}, options.dtype,
                      &num_conv_bytes) ||
       !checked_bytes({options.batch, options.num_v_heads, options.head_v_dim, options.head_k_dim},
                      options.dtype, &num_delta_bytes)) {
-    return Status::invalid_argument(std::string(kOp) +
+    return Status::invalid_argument(op +
                                     "state size overflows, expected dims whose product fits "
                                     "in 64 bits");
   }
@@ -252,10 +213,9 @@ Status RecurrentCache::advance(int64_t n) {
 std::vector<TensorView> RecurrentCache::state() const { return {conv_state(), delta_state()}; }
 
 Result<std::optional<Snapshot>> RecurrentCache::snapshot(int64_t from) const {
-  if (from < 0 || from > offset_) {
-    return Status::invalid_argument(
-        "RecurrentCache.snapshot: from is " + std::to_string(from) +
-        ", expected 0 <= from <= offset() = " + std::to_string(offset_));
+  if (Status s = detail::check_position("RecurrentCache.snapshot", "from", from, offset_);
+      !s.ok()) {
+    return s;
   }
   if (from == offset_) return std::optional<Snapshot>();
   // After free() the state is zero by definition (advance() may have moved the offset since).
@@ -281,7 +241,10 @@ Status RecurrentCache::restore(int64_t target) {
 
 Status RecurrentCache::restore(const Snapshot& snapshot, int64_t target) {
   constexpr std::string_view kOp = "RecurrentCache.restore";
-  if (Status s = check_snapshot(snapshot, options_, kOp, "snapshot"); !s.ok()) return s;
+  if (Status s = detail::check_snapshot(snapshot, snapshot_spec(options_), kOp, "snapshot");
+      !s.ok()) {
+    return s;
+  }
   if (target != snapshot.end()) {
     return Status::invalid_argument(
         std::string(kOp) + ": target is " + std::to_string(target) +
@@ -308,50 +271,15 @@ Status RecurrentCache::restore(const Snapshot& snapshot, int64_t target) {
 
 Result<Snapshot> RecurrentCache::merge(std::optional<Snapshot>&& parent,
                                        std::optional<Snapshot>&& child) const {
-  constexpr std::string_view kOp = "RecurrentCache.merge";
-  for (const auto& [side, label] : {std::pair{&parent, "parent"}, std::pair{&child, "child"}}) {
-    if (!side->has_value()) {
-      return Status::invalid_argument(std::string(kOp) + ": " + label +
-                                      " is none, expected a snapshot");
-    }
-    if (Status s = check_snapshot(**side, options_, kOp, label); !s.ok()) return s;
-  }
-  if (parent->cache_id() != child->cache_id()) {
-    return Status::invalid_argument(
-        std::string(kOp) + ": child comes from cache " + std::to_string(child->cache_id()) +
-        ", expected the parent's cache " + std::to_string(parent->cache_id()));
-  }
-  if (parent->end() != child->begin()) {
-    return Status::invalid_argument(
-        std::string(kOp) + ": parent covers [" + std::to_string(parent->begin()) + ", " +
-        std::to_string(parent->end()) + ") and child [" + std::to_string(child->begin()) + ", " +
-        std::to_string(child->end()) + "), expected child to begin where parent ends");
-  }
-  // Snapshot exposes its arrays read-only, so the child's state is copied, then both consumed.
-  std::vector<Buffer> arrays;
-  arrays.reserve(kNumArrays);
-  for (const Buffer& array : child->arrays()) {
-    Result<Buffer> copy = copy_of(array);
-    if (!copy.ok()) return copy.status();
-    arrays.push_back(std::move(*copy));
-  }
-  Snapshot merged(CacheKind::recurrent, parent->cache_id(), layout_of(options_), parent->begin(),
-                  child->end(), std::move(arrays));
-  parent.reset();
-  child.reset();
-  return merged;
+  // A whole state at c already holds everything [a, c) needs: the child's state.
+  return detail::merge_whole_state(parent, child, snapshot_spec(options_), "RecurrentCache.merge");
 }
 
 Result<SnapshotPair> RecurrentCache::split(Snapshot&& s, int64_t /*at*/) const {
-  constexpr std::string_view kOp = "RecurrentCache.split";
-  if (s.kind() != CacheKind::recurrent) {
-    return Status::invalid_argument(std::string(kOp) + ": s is a " + name(s.kind()) +
-                                    " snapshot, expected a recurrent one");
-  }
-  const std::vector<int64_t> layout = layout_of(options_);
-  if (s.layout() != layout) {
-    return Status::invalid_argument(std::string(kOp) + ": s has layout " + list_string(s.layout()) +
-                                    ", expected " + list_string(layout));
+  if (Status st =
+          detail::check_kind_and_layout(s, snapshot_spec(options_), "RecurrentCache.split", "s");
+      !st.ok()) {
+    return st;
   }
   // A whole state cannot be cut at a token: the second half keeps all of it.
   SnapshotPair pair;

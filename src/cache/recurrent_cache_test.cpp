@@ -24,7 +24,12 @@
 namespace kvcache {
 namespace {
 
+using ::kvcache::testing::buffer_bytes;
+using ::kvcache::testing::CacheFingerprint;
+using ::kvcache::testing::fingerprint;
 using ::kvcache::testing::has_error;
+using ::kvcache::testing::random_tensor;
+using ::kvcache::testing::RandomTensor;
 using ::kvcache::testing::seed_trace;
 using ::kvcache::testing::test_seed;
 using ::kvcache::testing::view_bytes;
@@ -42,9 +47,7 @@ RecurrentCacheOptions small_options(DType dtype = DType::f32, int64_t conv_tail 
 }
 
 std::unique_ptr<RecurrentCache> make_cache(const RecurrentCacheOptions& o) {
-  Result<std::unique_ptr<RecurrentCache>> cache = RecurrentCache::create(o);
-  EXPECT_OK(cache);
-  return cache.ok() ? std::move(*cache) : nullptr;
+  return ::kvcache::testing::value_or_fail(RecurrentCache::create(o));
 }
 
 float read_float(const void* p, DType dtype) {
@@ -55,73 +58,12 @@ float read_float(const void* p, DType dtype) {
 
 void write_float(void* p, DType dtype, float value) { from_float(&value, dtype, p, 1); }
 
-// An owned host tensor. `padded` leaves one unused element after every last-axis row, so the
-// view is strided; the padding holds random values too, which a correct copy never reads.
-struct HostTensor {
-  std::vector<float> storage;  // float for alignment; holds any of f32/f16/bf16
-  TensorView view;
-
-  HostTensor(DType dtype, std::initializer_list<int64_t> shape, bool padded = false) {
-    const std::vector<int64_t> dims(shape);
-    view.dtype = dtype;
-    view.rank = static_cast<int>(dims.size());
-    int64_t stride = 1;
-    for (int axis = view.rank - 1; axis >= 0; --axis) {
-      view.shape[axis] = dims[axis];
-      view.strides[axis] = stride;
-      stride *= dims[axis] + (padded && axis == view.rank - 1 ? 1 : 0);
-    }
-    const size_t num_bytes = static_cast<size_t>(stride) * size_of(dtype);
-    storage.assign((num_bytes + sizeof(float) - 1) / sizeof(float) + 1, 0.0f);
-    view.data = storage.data();
-  }
-  // Random finite non-zero values in +-[0.25, 2], everywhere in the storage.
-  void randomize(std::mt19937& rng) {
-    std::uniform_real_distribution<float> mag(0.25f, 2.0f);
-    std::bernoulli_distribution neg(0.5);
-    const size_t elem = size_of(view.dtype);
-    auto* bytes = reinterpret_cast<uint8_t*>(storage.data());
-    for (size_t i = 0; i + elem <= storage.size() * sizeof(float); i += elem) {
-      write_float(bytes + i, view.dtype, neg(rng) ? -mag(rng) : mag(rng));
-    }
-  }
-};
-
-HostTensor random_conv(const RecurrentCacheOptions& o, std::mt19937& rng, bool padded = false) {
-  HostTensor t(o.dtype, {o.batch, o.conv_tail, o.conv_dim}, padded);
-  t.randomize(rng);
-  return t;
+// Random states; `strided` ones are not contiguous (see testing::strided_layout).
+RandomTensor random_conv(const RecurrentCacheOptions& o, std::mt19937& rng, bool strided = false) {
+  return random_tensor(o.dtype, {o.batch, o.conv_tail, o.conv_dim}, rng, strided);
 }
-HostTensor random_delta(const RecurrentCacheOptions& o, std::mt19937& rng, bool padded = false) {
-  HostTensor t(o.dtype, {o.batch, o.num_v_heads, o.head_v_dim, o.head_k_dim}, padded);
-  t.randomize(rng);
-  return t;
-}
-
-// Everything observable about a cache: the bytes of each state() view (nullopt for a view with
-// null data) and the offset.
-struct Fingerprint {
-  std::vector<std::optional<std::vector<uint8_t>>> arrays;
-  int64_t offset = 0;
-  bool operator==(const Fingerprint&) const = default;
-};
-
-Fingerprint fingerprint(const RecurrentCache& cache) {
-  Fingerprint f;
-  for (const TensorView& v : cache.state()) {
-    if (v.data == nullptr && v.numel() > 0) {
-      f.arrays.emplace_back();
-    } else {
-      f.arrays.emplace_back(view_bytes(v));
-    }
-  }
-  f.offset = cache.offset();
-  return f;
-}
-
-std::vector<uint8_t> buffer_bytes(const Buffer& b) {
-  const auto* p = static_cast<const uint8_t*>(b.data());
-  return p == nullptr ? std::vector<uint8_t>() : std::vector<uint8_t>(p, p + b.num_bytes());
+RandomTensor random_delta(const RecurrentCacheOptions& o, std::mt19937& rng, bool strided = false) {
+  return random_tensor(o.dtype, {o.batch, o.num_v_heads, o.head_v_dim, o.head_k_dim}, rng, strided);
 }
 
 // A cache with random state at offset `offset`.
@@ -129,8 +71,8 @@ std::unique_ptr<RecurrentCache> filled_cache(const RecurrentCacheOptions& o, std
                                              int64_t offset) {
   std::unique_ptr<RecurrentCache> cache = make_cache(o);
   if (cache == nullptr) return nullptr;
-  HostTensor conv = random_conv(o, rng);
-  HostTensor delta = random_delta(o, rng);
+  RandomTensor conv = random_conv(o, rng);
+  RandomTensor delta = random_delta(o, rng);
   EXPECT_OK(cache->update(conv.view, delta.view));
   EXPECT_OK(cache->advance(offset));
   return cache;
@@ -236,9 +178,9 @@ TEST_P(RecurrentCacheDTypeTest, UpdateReplacesTheStateFromAnyStrides) {
   const RecurrentCacheOptions o = small_options(GetParam());
   std::unique_ptr<RecurrentCache> cache = make_cache(o);
   ASSERT_NE(cache, nullptr);
-  for (bool padded : {false, true, false}) {
-    HostTensor conv = random_conv(o, rng, padded);
-    HostTensor delta = random_delta(o, rng, padded);
+  for (bool strided : {false, true, false}) {
+    RandomTensor conv = random_conv(o, rng, strided);
+    RandomTensor delta = random_delta(o, rng, strided);
     Result<CacheViews> views = cache->update(conv.view, delta.view);
     ASSERT_OK(views);
     EXPECT_EQ(cache->offset(), 0);  // update never moves the offset
@@ -260,7 +202,7 @@ TEST_P(RecurrentCacheDTypeTest, UpdateWithoutConvState) {
   const RecurrentCacheOptions o = small_options(GetParam(), /*conv_tail=*/0);
   std::unique_ptr<RecurrentCache> cache = make_cache(o);
   ASSERT_NE(cache, nullptr);
-  HostTensor delta = random_delta(o, rng);
+  RandomTensor delta = random_delta(o, rng);
   TensorView empty_conv = TensorView::contiguous(nullptr, o.dtype, {o.batch, 0, o.conv_dim});
   ASSERT_OK(cache->update(empty_conv, delta.view));
   EXPECT_EQ(view_bytes(cache->delta_state()), view_bytes(delta.view));
@@ -281,7 +223,7 @@ TEST(RecurrentCacheTest, UpdateFromItsOwnViews) {
   o.head_v_dim = o.head_k_dim = 4;
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 5);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   // The exact views update() returned: a no-op.
   ASSERT_OK(cache->update(cache->conv_state(), cache->delta_state()));
   EXPECT_EQ(fingerprint(*cache), before);
@@ -309,9 +251,9 @@ TEST(RecurrentCacheTest, UpdateRefusesWrongInputsAndChangesNothing) {
   const RecurrentCacheOptions o = small_options();
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 7);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
-  HostTensor conv = random_conv(o, rng);
-  HostTensor delta = random_delta(o, rng);
+  const CacheFingerprint before = fingerprint(*cache);
+  RandomTensor conv = random_conv(o, rng);
+  RandomTensor delta = random_delta(o, rng);
 
   struct Case {
     TensorView conv;
@@ -336,15 +278,12 @@ TEST(RecurrentCacheTest, UpdateRefusesWrongInputsAndChangesNothing) {
   // A changed batch names both numbers, for either state.
   conv_with({1, 3, 4}, "conv_state batch is 1, expected batch 2");
   delta_with({1, 2, 3, 5}, "delta_state batch is 1, expected batch 2");
-  HostTensor big_conv(o.dtype, {3, 3, 4});
-  big_conv.randomize(rng);
+  const RandomTensor big_conv = random_tensor(o.dtype, {3, 3, 4}, rng);
   cases.push_back({big_conv.view, delta.view, "conv_state batch is 3, expected batch 2"});
   // Dtype, device and data.
-  HostTensor conv16(DType::f16, {2, 3, 4});
-  conv16.randomize(rng);
+  const RandomTensor conv16 = random_tensor(DType::f16, {2, 3, 4}, rng);
   cases.push_back({conv16.view, delta.view, "conv_state has dtype f16, expected f32"});
-  HostTensor delta_bf16(DType::bf16, {2, 2, 3, 5});
-  delta_bf16.randomize(rng);
+  const RandomTensor delta_bf16 = random_tensor(DType::bf16, {2, 2, 3, 5}, rng);
   cases.push_back({conv.view, delta_bf16.view, "delta_state has dtype bf16, expected f32"});
   TensorView on_gpu = delta.view;
   on_gpu.device = Device::cuda(0);
@@ -367,7 +306,7 @@ TEST(RecurrentCacheTest, AdvanceMovesOnlyTheOffset) {
   std::mt19937 rng(seed);
   std::unique_ptr<RecurrentCache> cache = filled_cache(small_options(), rng, 0);
   ASSERT_NE(cache, nullptr);
-  Fingerprint expected = fingerprint(*cache);
+  CacheFingerprint expected = fingerprint(*cache);
   for (int64_t n : {0, 1, 17, 0, 4}) {
     ASSERT_OK(cache->advance(n));
     expected.offset += n;
@@ -392,7 +331,7 @@ TEST(RecurrentCacheTest, SnapshotCopiesTheWholeState) {
     const RecurrentCacheOptions o = small_options(DType::bf16, conv_tail);
     std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 9);
     ASSERT_NE(cache, nullptr);
-    const Fingerprint before = fingerprint(*cache);
+    const CacheFingerprint before = fingerprint(*cache);
     for (int64_t from : {0, 4, 8}) {
       Snapshot s = take_snapshot(*cache, from);
       EXPECT_EQ(s.kind(), CacheKind::recurrent);
@@ -416,12 +355,12 @@ TEST(RecurrentCacheTest, SnapshotOfNothingIsNoneAndBadRangesAreRefused) {
   std::mt19937 rng(seed);
   std::unique_ptr<RecurrentCache> cache = filled_cache(small_options(), rng, 6);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   Result<std::optional<Snapshot>> none = cache->snapshot(6);
   ASSERT_OK(none);
   EXPECT_FALSE(none->has_value());
   EXPECT_TRUE(has_error(cache->snapshot(-1), Code::invalid_argument,
-                        "RecurrentCache.snapshot: from is -1, expected 0 <= from <= offset() = 6"));
+                        "RecurrentCache.snapshot: from is -1, expected 0 <= from <= offset (6)"));
   EXPECT_TRUE(has_error(cache->snapshot(7), Code::invalid_argument, "from is 7, expected 0 <="));
   EXPECT_EQ(fingerprint(*cache), before);
 
@@ -438,7 +377,7 @@ TEST(RecurrentCacheTest, RestoreWithoutSnapshotOnlyAcceptsTheOffset) {
   std::mt19937 rng(seed);
   std::unique_ptr<RecurrentCache> cache = filled_cache(small_options(), rng, 5);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   EXPECT_OK(cache->restore(5));
   EXPECT_EQ(fingerprint(*cache), before);
   for (int64_t target : {0, 4, 6, -1}) {
@@ -458,11 +397,11 @@ TEST(RecurrentCacheTest, RestoreFromSnapshotReplacesStateAndOffset) {
   const RecurrentCacheOptions o = small_options(DType::f16);
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 4);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint at4 = fingerprint(*cache);
+  const CacheFingerprint at4 = fingerprint(*cache);
   Snapshot s = take_snapshot(*cache, 1);  // [1, 4)
   // Move on, then come back.
-  HostTensor conv = random_conv(o, rng);
-  HostTensor delta = random_delta(o, rng);
+  RandomTensor conv = random_conv(o, rng);
+  RandomTensor delta = random_delta(o, rng);
   ASSERT_OK(cache->update(conv.view, delta.view));
   ASSERT_OK(cache->advance(6));
   ASSERT_NE(fingerprint(*cache), at4);
@@ -490,11 +429,11 @@ TEST(RecurrentCacheTest, RestoreFromSnapshotRefusesOtherTargets) {
   std::unique_ptr<RecurrentCache> cache = filled_cache(small_options(), rng, 8);
   ASSERT_NE(cache, nullptr);
   Snapshot s = take_snapshot(*cache, 3);  // [3, 8)
-  HostTensor conv = random_conv(small_options(), rng);
-  HostTensor delta = random_delta(small_options(), rng);
+  RandomTensor conv = random_conv(small_options(), rng);
+  RandomTensor delta = random_delta(small_options(), rng);
   ASSERT_OK(cache->update(conv.view, delta.view));
   ASSERT_OK(cache->advance(2));
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   for (int64_t target : {3, 5, 7, 9, 10, -1}) {
     SCOPED_TRACE(target);
     EXPECT_TRUE(has_error(cache->restore(s, target), Code::invalid_argument,
@@ -512,7 +451,7 @@ TEST(RecurrentCacheTest, RestoreRefusesSnapshotsOfAnotherShapeOrKind) {
   const RecurrentCacheOptions o = small_options();
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 4);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
 
   std::vector<std::pair<RecurrentCacheOptions, Snapshot>> others;
   const auto other_with = [&](auto edit) {
@@ -546,8 +485,8 @@ TEST(RecurrentCacheTest, RestoreRefusesSnapshotsOfAnotherShapeOrKind) {
   Snapshot foreign(CacheKind::contiguous, cache->id(), {3, 4, 2, 3, 5, 2, 0}, 0, 4,
                    std::move(arrays));
   EXPECT_TRUE(has_error(cache->restore(foreign, 4), Code::invalid_argument,
-                        "RecurrentCache.restore: snapshot is a contiguous snapshot, expected a "
-                        "recurrent one"));
+                        "RecurrentCache.restore: snapshot is of a contiguous cache, expected "
+                        "recurrent"));
   EXPECT_EQ(fingerprint(*cache), before);
 
   // Right kind and layout, arrays that do not match it (a hand-built snapshot).
@@ -557,7 +496,7 @@ TEST(RecurrentCacheTest, RestoreRefusesSnapshotsOfAnotherShapeOrKind) {
   Snapshot bad(CacheKind::recurrent, cache->id(), {3, 4, 2, 3, 5, 2, 0}, 0, 4,
                std::move(short_arrays));
   EXPECT_TRUE(has_error(cache->restore(bad, 4), Code::invalid_argument,
-                        "snapshot arrays do not match its layout"));
+                        "snapshot array 1 has 8 bytes on cpu, expected 240 on cpu"));
   // An empty range.
   Snapshot good = take_snapshot(*cache, 0);
   std::vector<Buffer> copies;
@@ -578,17 +517,19 @@ TEST(RecurrentCacheTest, MergeKeepsTheChildState) {
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 3);
   ASSERT_NE(cache, nullptr);
   std::optional<Snapshot> parent = take_snapshot(*cache, 0);  // [0, 3)
-  HostTensor conv = random_conv(o, rng);
-  HostTensor delta = random_delta(o, rng);
+  RandomTensor conv = random_conv(o, rng);
+  RandomTensor delta = random_delta(o, rng);
   ASSERT_OK(cache->update(conv.view, delta.view));
   ASSERT_OK(cache->advance(4));
   std::optional<Snapshot> child = take_snapshot(*cache, 3);  // [3, 7)
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
+  const void* child_delta = child->arrays()[1].data();
 
   Result<Snapshot> merged = cache->merge(std::move(parent), std::move(child));
   ASSERT_OK(merged);
   EXPECT_FALSE(parent.has_value());
   EXPECT_FALSE(child.has_value());
+  EXPECT_EQ(merged->arrays()[1].data(), child_delta);  // the child's state, adopted, not copied
   EXPECT_EQ(merged->begin(), 0);
   EXPECT_EQ(merged->end(), 7);
   EXPECT_EQ(merged->cache_id(), cache->id());
@@ -626,7 +567,7 @@ TEST(RecurrentCacheTest, MergeRefusesAndMovesNeitherInput) {
   std::optional<Snapshot> wrong_kind(
       Snapshot(CacheKind::rotating, cache->id(), a->layout(), 4, 6, std::move(arrays)));
   std::optional<Snapshot> none;
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
 
   struct Case {
     std::optional<Snapshot>* parent;
@@ -634,14 +575,15 @@ TEST(RecurrentCacheTest, MergeRefusesAndMovesNeitherInput) {
     const char* fragment;
   };
   const std::vector<Case> cases = {
-      {&none, &gap, "RecurrentCache.merge: parent is none, expected a snapshot"},
-      {&a, &none, "RecurrentCache.merge: child is none, expected a snapshot"},
-      {&a, &gap, "parent covers [0, 4) and child [5, 6), expected child to begin where parent"},
+      {&none, &gap, "RecurrentCache.merge: parent is missing, expected a snapshot"},
+      {&a, &none, "RecurrentCache.merge: child is missing, expected a snapshot"},
+      {&a, &gap,
+       "parent covers [0, 4) and child [5, 6), expected adjacent ranges (child begins at 4)"},
       {&a, &overlap, "parent covers [0, 4) and child [3, 6)"},
       {&a, &foreign, "RecurrentCache.merge: child comes from cache"},
       {&foreign, &gap, "expected the parent's cache"},
       {&a, &wrong_shape, "RecurrentCache.merge: child has layout [3, 6, 2, 3, 5, 2, 0]"},
-      {&a, &wrong_kind, "RecurrentCache.merge: child is a rotating snapshot"},
+      {&a, &wrong_kind, "RecurrentCache.merge: child is of a rotating cache, expected recurrent"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.fragment);
@@ -677,7 +619,7 @@ TEST(RecurrentCacheTest, SplitAlwaysReturnsTheWholeSnapshotSecond) {
   const RecurrentCacheOptions o = small_options();
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 8);
   ASSERT_NE(cache, nullptr);
-  const Fingerprint before = fingerprint(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   for (int64_t at : {-1, 2, 3, 5, 8, 12}) {
     SCOPED_TRACE(at);
     Snapshot s = take_snapshot(*cache, 2);  // [2, 8)
@@ -717,7 +659,7 @@ TEST(RecurrentCacheTest, SplitRefusesAnotherKindOrLayoutAndKeepsIt) {
   Snapshot wrong_kind(CacheKind::contiguous, cache->id(), {3, 4, 2, 3, 5, 2, 0}, 0, 8,
                       std::move(arrays));
   EXPECT_TRUE(has_error(cache->split(std::move(wrong_kind), 4), Code::invalid_argument,
-                        "RecurrentCache.split: s is a contiguous snapshot, expected a recurrent"));
+                        "RecurrentCache.split: s is of a contiguous cache, expected recurrent"));
   EXPECT_EQ(wrong_kind.arrays().size(), 1u);
   EXPECT_EQ(wrong_kind.kind(), CacheKind::contiguous);
 }
@@ -732,7 +674,7 @@ TEST(RecurrentCacheTest, FreeReleasesAndUpdateReallocates) {
   std::unique_ptr<RecurrentCache> cache = filled_cache(o, rng, 6);
   ASSERT_NE(cache, nullptr);
   Snapshot s = take_snapshot(*cache, 0);
-  const Fingerprint at6 = fingerprint(*cache);
+  const CacheFingerprint at6 = fingerprint(*cache);
   cache->free();
   EXPECT_EQ(cache->offset(), 0);
   EXPECT_EQ(cache->conv_state().data, nullptr);
@@ -756,8 +698,8 @@ TEST(RecurrentCacheTest, FreeReleasesAndUpdateReallocates) {
   EXPECT_EQ(fingerprint(*cache), at6);
   // ... and so does update().
   cache->free();
-  HostTensor conv = random_conv(o, rng, /*padded=*/true);
-  HostTensor delta = random_delta(o, rng);
+  RandomTensor conv = random_conv(o, rng, /*strided=*/true);
+  RandomTensor delta = random_delta(o, rng);
   ASSERT_OK(cache->update(conv.view, delta.view));
   EXPECT_EQ(view_bytes(cache->conv_state()), view_bytes(conv.view));
   EXPECT_EQ(view_bytes(cache->delta_state()), view_bytes(delta.view));
@@ -776,10 +718,9 @@ TEST(RecurrentCacheTest, RefusalsAfterFreeChangeNothing) {
   ASSERT_NE(cache, nullptr);
   Snapshot s = take_snapshot(*cache, 0);
   cache->free();
-  const Fingerprint before = fingerprint(*cache);
-  HostTensor conv(o.dtype, {1, 3, 4});
-  conv.randomize(rng);
-  HostTensor delta = random_delta(o, rng);
+  const CacheFingerprint before = fingerprint(*cache);
+  const RandomTensor conv = random_tensor(o.dtype, {1, 3, 4}, rng);
+  RandomTensor delta = random_delta(o, rng);
   EXPECT_TRUE(has_error(cache->update(conv.view, delta.view), Code::invalid_argument,
                         "batch is 1, expected batch 2"));
   EXPECT_TRUE(has_error(cache->restore(s, 2), Code::invalid_argument, "target is 2"));
@@ -852,16 +793,13 @@ struct ToyLayer {
       }
     }
     // Store in the cache dtype, as a layer computing in float would.
-    HostTensor conv_out(o.dtype, {b_n, o.conv_tail, o.conv_dim});
-    HostTensor delta_out(o.dtype, {b_n, hv, dv, dk});
-    for (size_t i = 0; i < conv.size(); ++i) {
-      write_float(reinterpret_cast<uint8_t*>(conv_out.storage.data()) + i * elem, o.dtype, conv[i]);
-    }
-    for (size_t i = 0; i < delta.size(); ++i) {
-      write_float(reinterpret_cast<uint8_t*>(delta_out.storage.data()) + i * elem, o.dtype,
-                  delta[i]);
-    }
-    ASSERT_OK(cache.update(conv_out.view, delta_out.view));
+    std::vector<uint8_t> conv_out(conv.size() * elem);
+    std::vector<uint8_t> delta_out(delta.size() * elem);
+    from_float(conv.data(), o.dtype, conv_out.data(), conv.size());
+    from_float(delta.data(), o.dtype, delta_out.data(), delta.size());
+    ASSERT_OK(cache.update(
+        TensorView::contiguous(conv_out.data(), o.dtype, {b_n, o.conv_tail, o.conv_dim}),
+        TensorView::contiguous(delta_out.data(), o.dtype, {b_n, hv, dv, dk})));
     ASSERT_OK(cache.advance(n));
   }
 };
@@ -888,7 +826,7 @@ TEST_P(RecurrentCacheToyLayerTest, RestoredSnapshotReplaysToTheSameState) {
     snapshots.push_back(take_snapshot(*cache, from));
   }
   ASSERT_EQ(cache->offset(), kTokens);
-  const Fingerprint full = fingerprint(*cache);
+  const CacheFingerprint full = fingerprint(*cache);
 
   // Every state the layer went through differs from the last (the recurrence is live).
   for (size_t i = 0; i + 1 < snapshots.size(); ++i) {

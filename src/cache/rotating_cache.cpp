@@ -3,32 +3,18 @@
 
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <string>
 #include <tuple>
 #include <utility>
 
+#include "cache/snapshot_checks.h"
 #include "core/check.h"
 
 namespace kvcache {
 namespace {
 
-std::string str(int64_t v) { return std::to_string(v); }
-
-std::string join(const std::vector<int64_t>& values) {
-  std::string out = "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (i) out += ", ";
-    out += str(values[i]);
-  }
-  return out + "]";
-}
-
-void copy_or_die(const TensorView& src, const TensorView& dst) {
-  if (src.numel() == 0) return;
-  const Status s = copy_into(src, dst);
-  KV_CHECK(s.ok());
-}
+using detail::copy_or_die;
+using detail::str;
 
 // Where a run of tokens lives: a token-major [batch, num_slots, heads, dim] buffer, from a slot.
 struct SlotRun {
@@ -65,6 +51,32 @@ TensorView heads_first(const TensorView& t) {
   return out;
 }
 
+// The shape signature snapshots carry (see Snapshot::layout).
+std::vector<int64_t> layout_of(const RotatingKVCacheOptions& o) {
+  return {o.max_size,
+          o.keep,
+          o.batch,
+          o.num_kv_heads,
+          o.head_dim,
+          o.head_dim_v,
+          static_cast<int64_t>(o.dtype)};
+}
+
+// What this cache reads as a snapshot: [keys, values], the window at end(), each
+// [batch, min(end, max_size), num_kv_heads, head_dim(_v)].
+detail::SnapshotSpec snapshot_spec(const RotatingKVCacheOptions& o) {
+  return {CacheKind::rotating,
+          layout_of(o),
+          "(max_size, keep, batch, num_kv_heads, head_dim, head_dim_v, dtype)",
+          /*allow_empty=*/true,
+          2,
+          [&o](const Snapshot& s, size_t array) {
+            const int64_t dim = array == 0 ? o.head_dim : o.head_dim_v;
+            const int64_t n = std::min(s.end(), o.max_size);
+            return static_cast<size_t>(o.batch * n * o.num_kv_heads * dim) * size_of(o.dtype);
+          }};
+}
+
 }  // namespace
 
 // --- construction ---
@@ -76,39 +88,32 @@ RotatingKVCache::~RotatingKVCache() = default;
 
 Result<std::unique_ptr<RotatingKVCache>> RotatingKVCache::create(
     const RotatingKVCacheOptions& options) {
-  constexpr std::string_view kOp = "RotatingKVCache.create: ";
-  const auto positive = [&](int64_t value, const char* field) -> Status {
-    if (value > 0) return Status();
-    return Status::invalid_argument(std::string(kOp) + field + " is " + str(value) +
-                                    ", expected > 0");
-  };
-  if (Status s = positive(options.max_size, "max_size"); !s.ok()) return s;
-  if (Status s = positive(options.num_kv_heads, "num_kv_heads"); !s.ok()) return s;
-  if (Status s = positive(options.head_dim, "head_dim"); !s.ok()) return s;
-  if (Status s = positive(options.batch, "batch"); !s.ok()) return s;
+  constexpr std::string_view kOp = "RotatingKVCache.create";
+  const std::string op = std::string(kOp) + ": ";
+  for (const auto& [value, field] :
+       {std::pair{options.max_size, "max_size"}, std::pair{options.num_kv_heads, "num_kv_heads"},
+        std::pair{options.head_dim, "head_dim"}, std::pair{options.batch, "batch"}}) {
+    if (Status s = detail::check_positive(kOp, field, value); !s.ok()) return s;
+  }
   if (options.keep < 0 || options.keep >= options.max_size) {
-    return Status::invalid_argument(std::string(kOp) + "keep is " + str(options.keep) +
+    return Status::invalid_argument(op + "keep is " + str(options.keep) +
                                     ", expected 0 <= keep < max_size (" + str(options.max_size) +
                                     ")");
   }
   if (options.head_dim_v < 0) {
-    return Status::invalid_argument(std::string(kOp) + "head_dim_v is " + str(options.head_dim_v) +
+    return Status::invalid_argument(op + "head_dim_v is " + str(options.head_dim_v) +
                                     ", expected >= 0 (0 means head_dim)");
   }
-  if (options.dtype != DType::f32 && options.dtype != DType::f16 && options.dtype != DType::bf16) {
-    return Status::invalid_argument(std::string(kOp) + "dtype is " + name(options.dtype) +
-                                    ", expected f32, f16 or bf16");
-  }
+  if (Status s = detail::check_float_dtype(kOp, options.dtype); !s.ok()) return s;
   RotatingKVCacheOptions resolved = options;
   if (resolved.head_dim_v == 0) resolved.head_dim_v = resolved.head_dim;
   // Storage for 2 * max_size tokens must be addressable; larger chunks are checked in update().
-  const int64_t token_bytes = resolved.num_kv_heads *
-                              std::max(resolved.head_dim, resolved.head_dim_v) *
-                              static_cast<int64_t>(size_of(resolved.dtype));
   int64_t total = 0;
-  if (__builtin_mul_overflow(token_bytes, resolved.batch, &total) ||
-      __builtin_mul_overflow(total, 2 * resolved.max_size, &total)) {
-    return Status::invalid_argument(std::string(kOp) + "batch * 2 * max_size * num_kv_heads * " +
+  if (!detail::checked_product({resolved.batch, 2, resolved.max_size, resolved.num_kv_heads,
+                                std::max(resolved.head_dim, resolved.head_dim_v),
+                                static_cast<int64_t>(size_of(resolved.dtype))},
+                               &total)) {
+    return Status::invalid_argument(op + "batch * 2 * max_size * num_kv_heads * " +
                                     "head_dim bytes overflow int64, expected smaller dims");
   }
   return std::unique_ptr<RotatingKVCache>(new RotatingKVCache(resolved));
@@ -137,16 +142,6 @@ TensorView RotatingKVCache::slots_view(const Buffer& buffer, int64_t dim, int64_
   return t;
 }
 
-std::vector<int64_t> RotatingKVCache::layout() const {
-  return {options_.max_size,
-          options_.keep,
-          options_.batch,
-          options_.num_kv_heads,
-          options_.head_dim,
-          options_.head_dim_v,
-          static_cast<int64_t>(options_.dtype)};
-}
-
 std::vector<TensorView> RotatingKVCache::state() const {
   // With keep > 0, base_pos_ == window_first() (update() keeps it so), so the pinned block and
   // the window's rolling tokens are adjacent; with keep == 0 the window starts mid-run.
@@ -162,28 +157,12 @@ std::vector<TensorView> RotatingKVCache::state() const {
 Result<CacheViews> RotatingKVCache::update(const TensorView& keys, const TensorView& values) {
   constexpr std::string_view kOp = "RotatingKVCache.update";
   const RotatingKVCacheOptions& o = options_;
-  for (const auto& [t, arg, dim, dim_name] :
-       {std::tuple{&keys, "keys", o.head_dim, "head_dim"},
-        std::tuple{&values, "values", o.head_dim_v, "head_dim_v"}}) {
-    if (Status s = check_device(*t, Device::cpu(), kOp, arg); !s.ok()) return s;
-    if (Status s = check_dtype(*t, o.dtype, kOp, arg); !s.ok()) return s;
-    if (Status s = check_shape(
-            *t, {{o.batch, "batch"}, {o.num_kv_heads, "num_kv_heads"}, {-1, "L"}, {dim, dim_name}},
-            kOp, arg);
-        !s.ok()) {
-      return s;
-    }
-    if (Status s = check_data(*t, kOp, arg); !s.ok()) return s;
+  if (Status s = detail::check_update_inputs(
+          keys, values, {o.dtype, o.batch, o.num_kv_heads, o.head_dim, o.head_dim_v}, kOp);
+      !s.ok()) {
+    return s;
   }
   const int64_t count = keys.shape[2];
-  if (count < 1) {
-    return Status::invalid_argument(std::string(kOp) + ": keys has " + str(count) +
-                                    " tokens (dim 2), expected L >= 1");
-  }
-  if (values.shape[2] != count) {
-    return Status::invalid_argument(std::string(kOp) + ": values has " + str(values.shape[2]) +
-                                    " tokens (dim 2), expected " + str(count) + " as keys has");
-  }
 
   // Inputs that alias our own storage (a view update() returned, say) are copied out first: the
   // moves below may overwrite what they point at.
@@ -231,8 +210,9 @@ Result<CacheViews> RotatingKVCache::update(const TensorView& keys, const TensorV
   int64_t grown_slots = 0;
   if (needed > num_slots_) {
     grown_slots = std::max(2 * o.max_size, needed + o.max_size);
-    const int64_t max_bytes = std::numeric_limits<int64_t>::max();
-    if (grown_slots > max_bytes / o.batch / std::max(k_token_bytes, v_token_bytes)) {
+    int64_t grown_bytes = 0;
+    if (!detail::checked_product({grown_slots, o.batch, std::max(k_token_bytes, v_token_bytes)},
+                                 &grown_bytes)) {
       return Status::resource_exhausted(std::string(kOp) + ": " + str(grown_slots) +
                                         " token slots overflow int64 bytes, expected a " +
                                         "smaller chunk (L = " + str(count) + ")");
@@ -328,9 +308,9 @@ Result<CacheViews> RotatingKVCache::update(const TensorView& keys, const TensorV
 // --- snapshots and rewinds ---
 
 Result<std::optional<Snapshot>> RotatingKVCache::snapshot(int64_t from) const {
-  if (from < 0 || from > offset_) {
-    return Status::invalid_argument("RotatingKVCache.snapshot: from is " + str(from) +
-                                    ", expected 0 <= from <= offset (" + str(offset_) + ")");
+  if (Status s = detail::check_position("RotatingKVCache.snapshot", "from", from, offset_);
+      !s.ok()) {
+    return s;
   }
   if (from == offset_) return std::optional<Snapshot>();
   const std::vector<TensorView> live = state();
@@ -343,15 +323,12 @@ Result<std::optional<Snapshot>> RotatingKVCache::snapshot(int64_t from) const {
     arrays.push_back(std::move(*b));
   }
   return std::optional<Snapshot>(
-      Snapshot(CacheKind::rotating, id(), layout(), from, offset_, std::move(arrays)));
+      Snapshot(CacheKind::rotating, id(), layout_of(options_), from, offset_, std::move(arrays)));
 }
 
 Status RotatingKVCache::restore(int64_t target) {
   constexpr std::string_view kOp = "RotatingKVCache.restore";
-  if (target < 0 || target > offset_) {
-    return Status::invalid_argument(std::string(kOp) + ": target is " + str(target) +
-                                    ", expected 0 <= target <= offset (" + str(offset_) + ")");
-  }
+  if (Status s = detail::check_position(kOp, "target", target, offset_); !s.ok()) return s;
   if (target == offset_) return Status();
   if (has_wrapped()) {
     return Status::invalid_argument(
@@ -365,51 +342,14 @@ Status RotatingKVCache::restore(int64_t target) {
   return Status();
 }
 
-Status RotatingKVCache::check_snapshot(const Snapshot& s, std::string_view op,
-                                       std::string_view arg) const {
-  const std::string prefix = std::string(op) + ": " + std::string(arg);
-  if (s.kind() != CacheKind::rotating) {
-    return Status::invalid_argument(prefix + " is of a " + name(s.kind()) +
-                                    " cache, expected rotating");
-  }
-  if (s.layout() != layout()) {
-    return Status::invalid_argument(
-        prefix + " has layout " + join(s.layout()) + ", expected " + join(layout()) +
-        " (max_size, keep, batch, num_kv_heads, head_dim, head_dim_v, dtype)");
-  }
-  if (s.begin() < 0 || s.end() < s.begin()) {
-    return Status::invalid_argument(prefix + " covers [" + str(s.begin()) + ", " + str(s.end()) +
-                                    "), expected 0 <= begin <= end");
-  }
-  if (s.arrays().size() != 2) {
-    return Status::invalid_argument(prefix + " has " + std::to_string(s.arrays().size()) +
-                                    " arrays, expected 2 (keys, values)");
-  }
-  const int64_t n = std::min(s.end(), options_.max_size);
-  for (size_t a = 0; a < 2; ++a) {
-    const int64_t dim = a == 0 ? options_.head_dim : options_.head_dim_v;
-    const size_t want = static_cast<size_t>(options_.batch * n * options_.num_kv_heads * dim) *
-                        size_of(options_.dtype);
-    if (s.arrays()[a].num_bytes() != want || !s.arrays()[a].device().is_cpu()) {
-      return Status::invalid_argument(prefix + " array " + std::to_string(a) + " has " +
-                                      std::to_string(s.arrays()[a].num_bytes()) +
-                                      " bytes, expected " + std::to_string(want) +
-                                      " on cpu (the window at " + str(s.end()) + ")");
-    }
-  }
-  return Status();
-}
-
 Status RotatingKVCache::restore(const Snapshot& snapshot, int64_t target) {
   constexpr std::string_view kOp = "RotatingKVCache.restore";
-  if (Status s = check_snapshot(snapshot, kOp, "snapshot"); !s.ok()) return s;
-  const int64_t a = snapshot.begin();
-  const int64_t b = snapshot.end();
-  if (target < a || target > b) {
-    return Status::invalid_argument(std::string(kOp) + ": target is " + str(target) +
-                                    ", expected " + str(a) + " <= target <= " + str(b) +
-                                    " (the snapshot covers [" + str(a) + ", " + str(b) + "))");
+  if (Status s = detail::check_snapshot(snapshot, snapshot_spec(options_), kOp, "snapshot");
+      !s.ok()) {
+    return s;
   }
+  if (Status s = detail::check_target_in(kOp, snapshot, target); !s.ok()) return s;
+  const int64_t b = snapshot.end();
   if (target < b && b > options_.max_size) {
     return Status::invalid_argument(
         std::string(kOp) + ": target is " + str(target) + " but the snapshot's window wrapped at " +
@@ -449,40 +389,15 @@ Status RotatingKVCache::restore(const Snapshot& snapshot, int64_t target) {
 
 Result<Snapshot> RotatingKVCache::merge(std::optional<Snapshot>&& parent,
                                         std::optional<Snapshot>&& child) const {
-  constexpr std::string_view kOp = "RotatingKVCache.merge";
-  if (!parent || !child) {
-    return Status::invalid_argument(std::string(kOp) + ": " + (parent ? "child" : "parent") +
-                                    " is missing, expected a snapshot");
-  }
-  if (Status s = check_snapshot(*parent, kOp, "parent"); !s.ok()) return s;
-  if (Status s = check_snapshot(*child, kOp, "child"); !s.ok()) return s;
-  if (parent->cache_id() != child->cache_id()) {
-    return Status::invalid_argument(
-        std::string(kOp) + ": child comes from cache " + std::to_string(child->cache_id()) +
-        ", expected the parent's cache " + std::to_string(parent->cache_id()));
-  }
-  if (parent->end() != child->begin()) {
-    return Status::invalid_argument(
-        std::string(kOp) + ": parent covers [" + str(parent->begin()) + ", " + str(parent->end()) +
-        ") and child [" + str(child->begin()) + ", " + str(child->end()) +
-        "), expected adjacent ranges (child begins at " + str(parent->end()) + ")");
-  }
   // A whole-window snapshot at c already holds everything [a, c) needs: the child's window.
-  std::vector<Buffer> arrays;
-  for (const Buffer& buf : child->arrays()) {
-    Result<Buffer> copy = buf.clone();
-    if (!copy.ok()) return copy.status();
-    arrays.push_back(std::move(*copy));
-  }
-  Snapshot out(CacheKind::rotating, parent->cache_id(), layout(), parent->begin(), child->end(),
-               std::move(arrays));
-  parent.reset();
-  child.reset();
-  return out;
+  return detail::merge_whole_state(parent, child, snapshot_spec(options_), "RotatingKVCache.merge");
 }
 
 Result<SnapshotPair> RotatingKVCache::split(Snapshot&& s, int64_t at) const {
-  if (Status st = check_snapshot(s, "RotatingKVCache.split", "s"); !st.ok()) return st;
+  if (Status st = detail::check_snapshot(s, snapshot_spec(options_), "RotatingKVCache.split", "s");
+      !st.ok()) {
+    return st;
+  }
   // A window cannot be cut in time: the part before `at` is not a window of its own.
   static_cast<void>(at);
   SnapshotPair out;

@@ -2,9 +2,8 @@
 #include "kvcache/rotating_cache.h"
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
-#include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <random>
@@ -24,6 +23,8 @@
 namespace kvcache {
 namespace {
 
+using ::kvcache::testing::CacheFingerprint;
+using ::kvcache::testing::fingerprint;
 using ::kvcache::testing::has_error;
 using ::kvcache::testing::seed_trace;
 using ::kvcache::testing::test_seed;
@@ -46,9 +47,18 @@ RotatingKVCacheOptions small_options(int64_t max_size, int64_t keep, DType dtype
 }
 
 std::unique_ptr<RotatingKVCache> make_cache(const RotatingKVCacheOptions& o) {
-  Result<std::unique_ptr<RotatingKVCache>> cache = RotatingKVCache::create(o);
-  EXPECT_OK(cache);
-  return cache.ok() ? std::move(*cache) : nullptr;
+  return ::kvcache::testing::value_or_fail(RotatingKVCache::create(o));
+}
+
+// "[2, 5, 2, 3]", as TensorView::shape_string() writes a shape.
+std::string shape_of(std::initializer_list<int64_t> dims) {
+  std::string out = "[";
+  for (int64_t d : dims) {
+    if (out.size() > 1) out += ", ";
+    out += std::to_string(d);
+  }
+  out += "]";
+  return out;
 }
 
 // [first, end) after [0, num_pinned).
@@ -70,118 +80,24 @@ Positions update_positions(const RotatingKVCacheOptions& o, int64_t begin, int64
   return positions(o.keep, std::max(o.keep, begin - (o.max_size - o.keep) + 1), end);
 }
 
-// A [B, H, L, D] input pair that owns its memory.
-struct Input {
-  std::vector<float> k_storage;  // float for alignment; holds any of f32/f16/bf16
-  std::vector<float> v_storage;
-  TensorView k;
-  TensorView v;
-};
+using Input = ::kvcache::testing::TokenHistory::Input;
 
-// Every token appended so far (random, finite, non-zero), to build inputs and the bytes a
-// view of any list of positions must hold.
-class History {
+// Every token appended so far, with its own random stream for the inputs.
+class History : public ::kvcache::testing::TokenHistory {
  public:
-  History(const RotatingKVCacheOptions& o, uint32_t seed) : o_(o), rng_(seed) {
-    if (o_.head_dim_v == 0) o_.head_dim_v = o_.head_dim;
-  }
+  History(const RotatingKVCacheOptions& o, uint32_t seed)
+      : TokenHistory(o.dtype, o.batch, o.num_kv_heads, o.head_dim,
+                     o.head_dim_v == 0 ? o.head_dim : o.head_dim_v),
+        rng_(seed) {}
 
   // `count` new tokens; `strided` lays the input out as [B, L, H, D] in memory.
   Input next(int64_t count, bool strided = false) {
-    Input in;
-    in.k = make(in.k_storage, o_.head_dim, count, strided, k_);
-    in.v = make(in.v_storage, o_.head_dim_v, count, strided, v_);
-    return in;
-  }
-  void truncate(int64_t n) {
-    k_.resize(static_cast<size_t>(n));
-    v_.resize(static_cast<size_t>(n));
-  }
-  [[nodiscard]] int64_t size() const { return static_cast<int64_t>(k_.size()); }
-  // heads_first: [B, H, n, D] as update() returns; else [B, n, H, D] as state() returns.
-  [[nodiscard]] Bytes keys(const Positions& p, bool heads_first) const {
-    return gather(k_, o_.head_dim, p, heads_first);
-  }
-  [[nodiscard]] Bytes values(const Positions& p, bool heads_first) const {
-    return gather(v_, o_.head_dim_v, p, heads_first);
+    return TokenHistory::next(count, rng_, strided);
   }
 
  private:
-  [[nodiscard]] size_t elem() const { return size_of(o_.dtype); }
-
-  TensorView make(std::vector<float>& storage, int64_t dim, int64_t count, bool strided,
-                  std::vector<Bytes>& tokens) {
-    const int64_t b_n = o_.batch;
-    const int64_t h_n = o_.num_kv_heads;
-    storage.assign(static_cast<size_t>(b_n * h_n * count * dim), 0.0f);
-    TensorView t;
-    t.data = storage.data();
-    t.dtype = o_.dtype;
-    t.rank = 4;
-    t.shape = {b_n, h_n, count, dim};
-    t.strides = strided ? std::array<int64_t, kMaxRank>{count * h_n * dim, dim, h_n * dim, 1}
-                        : std::array<int64_t, kMaxRank>{h_n * count * dim, count * dim, dim, 1};
-    std::uniform_real_distribution<float> magnitude(0.5f, 2.0f);
-    std::bernoulli_distribution negative(0.5);
-    for (int64_t i = 0; i < count; ++i) {
-      Bytes token(static_cast<size_t>(b_n * h_n * dim) * elem());
-      for (int64_t b = 0; b < b_n; ++b) {
-        for (int64_t h = 0; h < h_n; ++h) {
-          for (int64_t d = 0; d < dim; ++d) {
-            const float x = negative(rng_) ? -magnitude(rng_) : magnitude(rng_);
-            uint8_t* dst = token.data() + static_cast<size_t>((b * h_n + h) * dim + d) * elem();
-            from_float(&x, o_.dtype, dst, 1);
-            const int64_t index[] = {b, h, i, d};
-            std::memcpy(t.element_ptr(index), dst, elem());
-          }
-        }
-      }
-      tokens.push_back(std::move(token));
-    }
-    return t;
-  }
-
-  [[nodiscard]] Bytes gather(const std::vector<Bytes>& tokens, int64_t dim, const Positions& p,
-                             bool heads_first) const {
-    Bytes out;
-    const size_t row = static_cast<size_t>(dim) * elem();
-    const auto append = [&](int64_t pos, int64_t b, int64_t h) {
-      const uint8_t* src = tokens[static_cast<size_t>(pos)].data() +
-                           static_cast<size_t>(b * o_.num_kv_heads + h) * row;
-      out.insert(out.end(), src, src + row);
-    };
-    for (int64_t b = 0; b < o_.batch; ++b) {
-      if (heads_first) {
-        for (int64_t h = 0; h < o_.num_kv_heads; ++h) {
-          for (int64_t pos : p) append(pos, b, h);
-        }
-      } else {
-        for (int64_t pos : p) {
-          for (int64_t h = 0; h < o_.num_kv_heads; ++h) append(pos, b, h);
-        }
-      }
-    }
-    return out;
-  }
-
-  RotatingKVCacheOptions o_;
   std::mt19937 rng_;
-  std::vector<Bytes> k_;  // per position, [B, H, D]
-  std::vector<Bytes> v_;
 };
-
-// The bytes of a cache as a caller can see them: state() and offset().
-struct Frozen {
-  Bytes keys;
-  Bytes values;
-  int64_t offset;
-  friend bool operator==(const Frozen&, const Frozen&) = default;
-};
-
-Frozen freeze(const RotatingKVCache& cache) {
-  const std::vector<TensorView> s = cache.state();
-  return {view_bytes(s[0]), view_bytes(s[1]), cache.offset()};
-}
 
 // Appends `count` tokens and checks the returned views against the history.
 void update_and_check(RotatingKVCache& cache, History& history, int64_t count,
@@ -193,8 +109,8 @@ void update_and_check(RotatingKVCache& cache, History& history, int64_t count,
   ASSERT_OK(views);
   const int64_t end = begin + count;
   const Positions want = update_positions(o, begin, end);
-  EXPECT_EQ(views->keys.shape_string(),
-            "[" + std::to_string(o.batch) + ", 2, " + std::to_string(want.size()) + ", 3]");
+  const auto n = static_cast<int64_t>(want.size());
+  EXPECT_EQ(views->keys.shape_string(), shape_of({o.batch, 2, n, 3}));
   EXPECT_EQ(view_bytes(views->keys), history.keys(want, true));
   EXPECT_EQ(view_bytes(views->values), history.values(want, true));
   EXPECT_EQ(views->num_pinned, end > o.max_size ? o.keep : 0);
@@ -209,10 +125,9 @@ void expect_window(const RotatingKVCache& cache, const History& history) {
   const Positions want = window_positions(cache.options(), cache.offset());
   const std::vector<TensorView> s = cache.state();
   ASSERT_EQ(s.size(), 2u);
-  EXPECT_EQ(s[0].shape_string(), "[" + std::to_string(cache.options().batch) + ", " +
-                                     std::to_string(want.size()) + ", 2, 3]");
-  EXPECT_EQ(s[1].shape_string(), "[" + std::to_string(cache.options().batch) + ", " +
-                                     std::to_string(want.size()) + ", 2, 4]");
+  const auto n = static_cast<int64_t>(want.size());
+  EXPECT_EQ(s[0].shape_string(), shape_of({cache.options().batch, n, 2, 3}));
+  EXPECT_EQ(s[1].shape_string(), shape_of({cache.options().batch, n, 2, 4}));
   EXPECT_EQ(view_bytes(s[0]), history.keys(want, false));
   EXPECT_EQ(view_bytes(s[1]), history.values(want, false));
 }
@@ -422,11 +337,11 @@ TEST(RotatingKVCacheTest, UpdateRefusesBadInputsAndChangesNothing) {
   std::unique_ptr<RotatingKVCache> cache = make_cache(o);
   History history(o, test_seed());
   for (int i = 0; i < 6; ++i) update_and_check(*cache, history, 1);  // wrapped
-  const Frozen before = freeze(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
 
   const auto refused = [&](const TensorView& k, const TensorView& v, const std::string& fragment) {
     const bool ok = has_error(cache->update(k, v), Code::invalid_argument, fragment);
-    return ok && freeze(*cache) == before;
+    return ok && fingerprint(*cache) == before;
   };
   const Input good = history.next(2);
   history.truncate(6);  // `good` is never appended
@@ -450,12 +365,12 @@ TEST(RotatingKVCacheTest, UpdateRefusesBadInputsAndChangesNothing) {
   EXPECT_TRUE(refused(k, good.v, "keys has rank 3"));
   v = good.v;
   v.shape[2] = 1;
-  EXPECT_TRUE(refused(good.k, v, "values has 1 tokens (dim 2), expected 2 as keys has"));
+  EXPECT_TRUE(refused(good.k, v, "values has 1 tokens (L), expected 2 (as many as keys)"));
   k = good.k;
   v = good.v;
   k.shape[2] = 0;
   v.shape[2] = 0;
-  EXPECT_TRUE(refused(k, v, "keys has 0 tokens (dim 2), expected L >= 1"));
+  EXPECT_TRUE(refused(k, v, "keys has 0 tokens (L), expected at least 1"));
   v = good.v;
   v.dtype = DType::bf16;
   EXPECT_TRUE(refused(good.k, v, "values has dtype bf16, expected f32"));
@@ -504,23 +419,23 @@ TEST(RotatingKVCacheTest, RestoreRefusesAndChangesNothing) {
   std::unique_ptr<RotatingKVCache> cache = make_cache(o);
   History history(o, test_seed());
   update_and_check(*cache, history, 3);
-  Frozen before = freeze(*cache);
+  CacheFingerprint before = fingerprint(*cache);
   EXPECT_TRUE(
       has_error(cache->restore(-1), Code::invalid_argument,
                 "RotatingKVCache.restore: target is -1, expected 0 <= target <= offset (3)"));
   EXPECT_TRUE(has_error(cache->restore(4), Code::invalid_argument, "target is 4"));
-  EXPECT_EQ(freeze(*cache), before);
+  EXPECT_EQ(fingerprint(*cache), before);
 
   update_and_check(*cache, history, 3);  // offset 6 > max_size: wrapped
-  before = freeze(*cache);
+  before = fingerprint(*cache);
   EXPECT_TRUE(has_error(cache->restore(5), Code::invalid_argument,
                         "tokens before 5 were overwritten, expected target == offset or a "
                         "snapshot"));
   EXPECT_TRUE(has_error(cache->restore(0), Code::invalid_argument, "overwritten"));
   EXPECT_TRUE(has_error(cache->restore(7), Code::invalid_argument, "offset (6)"));
-  EXPECT_EQ(freeze(*cache), before);
+  EXPECT_EQ(fingerprint(*cache), before);
   EXPECT_OK(cache->restore(6));  // target == offset is always fine
-  EXPECT_EQ(freeze(*cache), before);
+  EXPECT_EQ(fingerprint(*cache), before);
 }
 
 // --- snapshots ---
@@ -533,7 +448,7 @@ TEST(RotatingKVCacheTest, SnapshotCopiesTheWindow) {
   ASSERT_OK(none);
   EXPECT_FALSE(none->has_value());
   update_and_check(*cache, history, 8);
-  const Frozen before = freeze(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   EXPECT_TRUE(has_error(cache->snapshot(-1), Code::invalid_argument,
                         "RotatingKVCache.snapshot: from is -1, expected 0 <= from <= offset (8)"));
   EXPECT_TRUE(has_error(cache->snapshot(9), Code::invalid_argument, "from is 9"));
@@ -555,7 +470,7 @@ TEST(RotatingKVCacheTest, SnapshotCopiesTheWindow) {
   EXPECT_EQ(view_bytes(s.arrays()[0].view(o.dtype, {2, 5, 2, 3})), history.keys(window, false));
   EXPECT_EQ(view_bytes(s.arrays()[1].view(o.dtype, {2, 5, 2, 4})), history.values(window, false));
   EXPECT_EQ(s.num_bytes(), size_t{2 * 5 * 2 * (3 + 4) * 2});
-  EXPECT_EQ(freeze(*cache), before);
+  EXPECT_EQ(fingerprint(*cache), before);
 }
 
 TEST(RotatingKVCacheTest, RestoreFromSnapshotBringsBackAnOverwrittenWindow) {
@@ -568,14 +483,14 @@ TEST(RotatingKVCacheTest, RestoreFromSnapshotBringsBackAnOverwrittenWindow) {
     Result<std::optional<Snapshot>> snap = cache->snapshot(6);
     ASSERT_OK(snap);
     const History at_7 = history;
-    const Frozen frozen_7 = freeze(*cache);
+    const CacheFingerprint frozen_7 = fingerprint(*cache);
     // A later wrap overwrites every slot of that window.
     for (int i = 0; i < 12; ++i) update_and_check(*cache, history, 1 + i % 4);
-    ASSERT_NE(freeze(*cache), frozen_7);
+    ASSERT_NE(fingerprint(*cache), frozen_7);
     EXPECT_TRUE(has_error(cache->restore(7), Code::invalid_argument, "overwritten"));
 
     ASSERT_OK(cache->restore(**snap, 7));
-    EXPECT_EQ(freeze(*cache), frozen_7);
+    EXPECT_EQ(fingerprint(*cache), frozen_7);
     EXPECT_TRUE(cache->has_wrapped());
     history = at_7;
     for (int i = 0; i < 10; ++i) {
@@ -585,7 +500,7 @@ TEST(RotatingKVCacheTest, RestoreFromSnapshotBringsBackAnOverwrittenWindow) {
     // Also into a freed cache: the snapshot carries everything.
     cache->free();
     ASSERT_OK(cache->restore(**snap, 7));
-    EXPECT_EQ(freeze(*cache), frozen_7);
+    EXPECT_EQ(fingerprint(*cache), frozen_7);
     history = at_7;
     update_and_check(*cache, history, 1);
     expect_window(*cache, history);
@@ -622,10 +537,10 @@ TEST(RotatingKVCacheTest, RestoreFromSnapshotRefusesAndChangesNothing) {
   Result<std::optional<Snapshot>> wrapped = cache->snapshot(5);  // [5, 6), wrapped
   ASSERT_OK(wrapped);
   update_and_check(*cache, history, 3);
-  const Frozen before = freeze(*cache);
+  const CacheFingerprint before = fingerprint(*cache);
   const auto refused = [&](const Snapshot& s, int64_t target, const std::string& fragment) {
     const bool ok = has_error(cache->restore(s, target), Code::invalid_argument, fragment);
-    return ok && freeze(*cache) == before;
+    return ok && fingerprint(*cache) == before;
   };
   EXPECT_TRUE(refused(**wrapped, 5,
                       "RotatingKVCache.restore: target is 5 but the snapshot's window wrapped at "
@@ -657,7 +572,7 @@ TEST(RotatingKVCacheTest, RestoreFromSnapshotRefusesAndChangesNothing) {
   }
   EXPECT_TRUE(
       refused(Snapshot(CacheKind::rotating, cache->id(), layout, 0, 1, std::move(short_arrays)), 1,
-              "snapshot array 0 has 8 bytes, expected 24"));
+              "snapshot array 0 has 8 bytes on cpu, expected 24 on cpu"));
   EXPECT_TRUE(refused(Snapshot(CacheKind::rotating, cache->id(), layout, 3, 1, {}), 1,
                       "covers [3, 1), expected 0 <= begin <= end"));
 }
@@ -698,17 +613,19 @@ TEST(RotatingKVCacheTest, MergeKeepsTheChildWindow) {
   update_and_check(*cache, history, 6);
   Result<std::optional<Snapshot>> child = cache->snapshot(3);  // [3, 9)
   ASSERT_OK(child);
-  const Frozen at_9 = freeze(*cache);
+  const CacheFingerprint at_9 = fingerprint(*cache);
+  const void* child_keys = (**child).arrays()[0].data();
   Result<Snapshot> merged = cache->merge(std::move(*parent), std::move(*child));
   ASSERT_OK(merged);
   EXPECT_FALSE(parent->has_value());
   EXPECT_FALSE(child->has_value());
+  EXPECT_EQ(merged->arrays()[0].data(), child_keys);  // the child's window, adopted, not copied
   EXPECT_EQ(merged->begin(), 1);
   EXPECT_EQ(merged->end(), 9);
   EXPECT_EQ(merged->cache_id(), cache->id());
   update_and_check(*cache, history, 4);
   ASSERT_OK(cache->restore(*merged, 9));
-  EXPECT_EQ(freeze(*cache), at_9);
+  EXPECT_EQ(fingerprint(*cache), at_9);
   // The merged window wrapped: only its end is a valid target.
   EXPECT_TRUE(has_error(cache->restore(*merged, 3), Code::invalid_argument, "overwritten"));
 }

@@ -18,10 +18,12 @@
 namespace kvcache::model {
 namespace {
 
+using ::kvcache::testing::CacheFingerprint;
+using ::kvcache::testing::fingerprint;
 using ::kvcache::testing::has_error;
 using ::kvcache::testing::seed_trace;
 using ::kvcache::testing::test_seed;
-using ::kvcache::testing::view_bytes;
+using ::kvcache::testing::value_or_fail;
 
 constexpr int64_t kSlidingLayer = 1;    // in default_layers()
 constexpr int64_t kRecurrentLayer = 2;  // in default_layers()
@@ -30,15 +32,11 @@ std::unique_ptr<TinyModel> make_model(DType dtype, uint64_t seed = 1) {
   TinyModelConfig config;
   config.dtype = dtype;
   config.seed = seed;
-  auto model = TinyModel::create(config);
-  EXPECT_OK(model);
-  return std::move(*model);
+  return value_or_fail(TinyModel::create(config));
 }
 
 std::unique_ptr<Session> make_session(const TinyModel& model) {
-  auto session = Session::create(model);
-  EXPECT_OK(session);
-  return std::move(*session);
+  return value_or_fail(Session::create(model));
 }
 
 std::vector<int32_t> random_tokens(std::mt19937& rng, int64_t n, int64_t vocab) {
@@ -54,15 +52,10 @@ std::span<const float> row_of(const std::vector<float>& logits, int64_t row, int
                                                 static_cast<size_t>(vocab));
 }
 
-// The bytes of every layer's state() views and the offsets: equal means the caches hold the same.
-std::vector<std::vector<uint8_t>> session_bytes(const Session& s) {
-  std::vector<std::vector<uint8_t>> out;
-  for (int64_t l = 0; l < s.num_layers(); ++l) {
-    const int64_t offset = s.cache(l).offset();
-    const auto* p = reinterpret_cast<const uint8_t*>(&offset);
-    out.emplace_back(p, p + sizeof(offset));
-    for (const TensorView& v : s.cache(l).state()) out.push_back(view_bytes(v));
-  }
+// Every layer's state() bytes and offset: equal means the caches hold the same.
+std::vector<CacheFingerprint> session_bytes(const Session& s) {
+  std::vector<CacheFingerprint> out;
+  for (int64_t l = 0; l < s.num_layers(); ++l) out.push_back(fingerprint(s.cache(l)));
   return out;
 }
 

@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <random>
@@ -30,8 +29,11 @@ namespace {
 
 using Bytes = std::vector<uint8_t>;
 using testing::has_error;
+using testing::random_tensor;
+using testing::RandomTensor;
 using testing::seed_trace;
 using testing::test_seed;
+using testing::uniform_int;
 using testing::view_bytes;
 
 // Token rows of every array: [array][batch row][token] -> the token's [H, dim] bytes. Arrays
@@ -42,70 +44,7 @@ constexpr int kSequences = 1200;
 constexpr int kOpsPerSequence = 50;
 constexpr size_t kMaxHeld = 8;
 
-// A random bit pattern that is a finite, non-zero value of dtype (f32, f16 or bf16).
-uint32_t random_bits(DType dtype, std::mt19937& rng) {
-  for (;;) {
-    const auto r = static_cast<uint32_t>(rng());
-    switch (dtype) {
-      case DType::f32:
-        if (((r >> 23) & 0xffu) != 0xffu && (r & 0x7fffffffu) != 0) return r;
-        break;
-      case DType::f16:
-        if (((r >> 10) & 0x1fu) != 0x1fu && (r & 0x7fffu) != 0) return r & 0xffffu;
-        break;
-      default:  // bf16
-        if (((r >> 7) & 0xffu) != 0xffu && (r & 0x7fffu) != 0) return r & 0xffffu;
-        break;
-    }
-  }
-}
-
-int64_t uniform(std::mt19937& rng, int64_t lo, int64_t hi) {  // [lo, hi]
-  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-}
-
-bool coin(std::mt19937& rng, int one_in = 2) { return uniform(rng, 1, one_in) == 1; }
-
-// An owned random input; strided ones swap the two outer axes in memory and pad the last.
-struct Tensor {
-  std::vector<uint64_t> storage;
-  TensorView view;
-};
-
-Tensor random_tensor(DType dtype, const std::vector<int64_t>& shape, bool strided,
-                     std::mt19937& rng) {
-  const int rank = static_cast<int>(shape.size());
-  std::vector<int64_t> physical = shape;
-  std::vector<int> perm(shape.size());
-  for (int i = 0; i < rank; ++i) perm[i] = i;
-  if (strided) {
-    physical[rank - 1] += 1;
-    std::swap(physical[0], physical[1]);
-    std::swap(perm[0], perm[1]);
-  }
-  std::vector<int64_t> physical_strides(shape.size());
-  int64_t numel = 1;
-  for (int i = rank - 1; i >= 0; --i) {
-    physical_strides[i] = numel;
-    numel *= physical[i];
-  }
-  const size_t es = size_of(dtype);
-  Tensor t;
-  t.storage.resize((static_cast<size_t>(numel) * es + 7) / 8 + 1);
-  auto* bytes = reinterpret_cast<uint8_t*>(t.storage.data());
-  for (int64_t i = 0; i < numel; ++i) {
-    const uint32_t bits = random_bits(dtype, rng);
-    std::memcpy(bytes + i * static_cast<int64_t>(es), &bits, es);
-  }
-  t.view.data = t.storage.data();
-  t.view.dtype = dtype;
-  t.view.rank = rank;
-  for (int i = 0; i < rank; ++i) {
-    t.view.shape[i] = shape[i];
-    t.view.strides[i] = physical_strides[perm[i]];
-  }
-  return t;
-}
+bool coin(std::mt19937& rng, int one_in = 2) { return uniform_int(rng, 1, one_in) == 1; }
 
 // The [H, dim] bytes of token i of batch row b of a rank-4 view whose token axis is
 // `token_axis` ([B, n, H, D]: 1, [B, H, L, D]: 2). Rank 3 [n, H, D] views have no batch axis.
@@ -166,7 +105,7 @@ class Runner {
     if (::testing::Test::HasFailure()) return;
     SCOPED_TRACE(config());
     for (step_ = 0; step_ < kOpsPerSequence; ++step_) {
-      const int64_t op = uniform(rng_, 0, 99);
+      const int64_t op = uniform_int(rng_, 0, 99);
       const char* what = op < 30   ? "append"
                          : op < 40 ? "update"
                          : op < 45 ? "partial append"
@@ -181,11 +120,11 @@ class Runner {
       SCOPED_TRACE("step " + std::to_string(step_) + ": " + what + " at len " +
                    std::to_string(len()));
       if (op < 30) {
-        append(uniform(rng_, 1, 5));
+        append(uniform_int(rng_, 1, 5));
       } else if (op < 40) {
-        update(uniform(rng_, 1, 5));
+        update(uniform_int(rng_, 1, 5));
       } else if (op < 45) {
-        partial_append(uniform(rng_, 1, 5));
+        partial_append(uniform_int(rng_, 1, 5));
       } else if (op < 52) {
         truncate();
       } else if (op < 62) {
@@ -215,16 +154,16 @@ class Runner {
   // --- setup ---
 
   void make_caches() {
-    o_.num_layers = coin(rng_) ? 1 : uniform(rng_, 2, 3);
-    o_.batch = uniform(rng_, 1, 2);
-    o_.num_kv_heads = uniform(rng_, 1, 2);
-    o_.head_dim = uniform(rng_, 2, 5);
-    o_.head_dim_v = coin(rng_, 3) ? 0 : uniform(rng_, 2, 5);
+    o_.num_layers = coin(rng_) ? 1 : uniform_int(rng_, 2, 3);
+    o_.batch = uniform_int(rng_, 1, 2);
+    o_.num_kv_heads = uniform_int(rng_, 1, 2);
+    o_.head_dim = uniform_int(rng_, 2, 5);
+    o_.head_dim_v = coin(rng_, 3) ? 0 : uniform_int(rng_, 2, 5);
     const DType dtypes[] = {DType::f32, DType::f16, DType::bf16};
-    o_.dtype = dtypes[uniform(rng_, 0, 2)];
+    o_.dtype = dtypes[uniform_int(rng_, 0, 2)];
     o_.fixed_capacity = coin(rng_, 3);
     o_.capacity =
-        o_.fixed_capacity ? uniform(rng_, 8, 40) : (coin(rng_) ? 0 : uniform(rng_, 1, 16));
+        o_.fixed_capacity ? uniform_int(rng_, 8, 40) : (coin(rng_) ? 0 : uniform_int(rng_, 1, 16));
     cache_ = create(o_);
     if (!cache_) return;
     o_ = cache_->options();  // head_dim_v resolved
@@ -243,10 +182,10 @@ class Runner {
     for (KVCache* c : {twin_.get(), other_.get()}) {
       const KVCacheOptions& co = c->options();
       for (int64_t l = 0; l < co.num_layers; ++l) {
-        const Tensor k =
-            random_tensor(co.dtype, {co.batch, 6, co.num_kv_heads, co.head_dim}, false, rng_);
-        const Tensor v =
-            random_tensor(co.dtype, {co.batch, 6, co.num_kv_heads, co.head_dim_v}, false, rng_);
+        const RandomTensor k =
+            random_tensor(co.dtype, {co.batch, 6, co.num_kv_heads, co.head_dim}, rng_);
+        const RandomTensor v =
+            random_tensor(co.dtype, {co.batch, 6, co.num_kv_heads, co.head_dim_v}, rng_);
         ASSERT_OK(c->append(l, k.view, v.view));
       }
       ASSERT_OK(c->advance());
@@ -266,13 +205,8 @@ class Runner {
     other_snapshot_ = std::move(*other_snapshot);
   }
 
-  std::unique_ptr<KVCache> create(const KVCacheOptions& options) {
-    Result<std::unique_ptr<KVCache>> r = KVCache::create(options);
-    if (!r.ok()) {
-      ADD_FAILURE() << r.status().to_string();
-      return nullptr;
-    }
-    return std::move(*r);
+  static std::unique_ptr<KVCache> create(const KVCacheOptions& options) {
+    return testing::value_or_fail(KVCache::create(options));
   }
 
   std::string config() const {
@@ -290,14 +224,14 @@ class Runner {
   int64_t dim(size_t array) const { return array % 2 == 0 ? o_.head_dim : o_.head_dim_v; }
 
   // Random [batch, n, H, dim] inputs per array (rank 3 [n, H, dim] sometimes when batch is 1).
-  std::vector<Tensor> token_inputs(int64_t n) {
-    std::vector<Tensor> inputs;
+  std::vector<RandomTensor> token_inputs(int64_t n) {
+    std::vector<RandomTensor> inputs;
     const bool rank3 = o_.batch == 1 && coin(rng_);
     const bool strided = coin(rng_, 3);
     for (size_t a = 0; a < model_.size(); ++a) {
       std::vector<int64_t> shape = {o_.batch, n, o_.num_kv_heads, dim(a)};
       if (rank3) shape.erase(shape.begin());
-      inputs.push_back(random_tensor(o_.dtype, shape, strided, rng_));
+      inputs.push_back(random_tensor(o_.dtype, shape, rng_, strided));
     }
     return inputs;
   }
@@ -312,7 +246,7 @@ class Runner {
     return out;
   }
 
-  void push(const std::vector<Tensor>& inputs, int token_axis, int64_t n) {
+  void push(const std::vector<RandomTensor>& inputs, int token_axis, int64_t n) {
     for (size_t a = 0; a < model_.size(); ++a) {
       for (int64_t b = 0; b < o_.batch; ++b) {
         for (int64_t i = 0; i < n; ++i) {
@@ -354,14 +288,14 @@ class Runner {
 
   void hold(Snapshot s, Tokens tokens) {
     if (held_.size() >= kMaxHeld)
-      held_.erase(held_.begin() + uniform(rng_, 0, static_cast<int64_t>(kMaxHeld) - 1));
+      held_.erase(held_.begin() + uniform_int(rng_, 0, static_cast<int64_t>(kMaxHeld) - 1));
     held_.push_back(Held{std::move(s), std::move(tokens)});
   }
 
   // --- operations ---
 
   void append(int64_t n) {
-    const std::vector<Tensor> inputs = token_inputs(n);
+    const std::vector<RandomTensor> inputs = token_inputs(n);
     const int64_t capacity = cache_->capacity();
     const void* data = cache_->state()[0].data;
     if (!fits(len() + n)) {
@@ -376,7 +310,7 @@ class Runner {
     std::vector<std::vector<int64_t>> cuts(static_cast<size_t>(o_.num_layers));
     for (auto& c : cuts) {
       c = {0, n};
-      for (int extra = 0; extra < 2; ++extra) c.push_back(uniform(rng_, 0, n));
+      for (int extra = 0; extra < 2; ++extra) c.push_back(uniform_int(rng_, 0, n));
       std::sort(c.begin(), c.end());
       c.erase(std::unique(c.begin(), c.end()), c.end());
     }
@@ -387,7 +321,7 @@ class Runner {
         if (next[l] < cuts[l].size()) open.push_back(l);
       }
       if (open.empty()) break;
-      const size_t l = open[uniform(rng_, 0, static_cast<int64_t>(open.size()) - 1)];
+      const size_t l = open[uniform_int(rng_, 0, static_cast<int64_t>(open.size()) - 1)];
       const int64_t first = cuts[l][next[l] - 1];
       const int64_t count = cuts[l][next[l]] - first;
       ++next[l];
@@ -406,7 +340,7 @@ class Runner {
 
   void partial_append(int64_t n) {
     if (o_.num_layers == 1 || !fits(len() + n)) return append(n);
-    const std::vector<Tensor> inputs = token_inputs(n);
+    const std::vector<RandomTensor> inputs = token_inputs(n);
     const int64_t last = o_.num_layers - 1;
     for (int64_t l = 0; l < last; ++l) {
       ASSERT_OK(cache_->append(l, inputs[2 * l].view, inputs[2 * l + 1].view));
@@ -415,7 +349,7 @@ class Runner {
                           "KVCache.advance: layer " + std::to_string(last) +
                               " has 0 pending tokens, expected " + std::to_string(n)));
     // Each of these drops what is pending.
-    switch (uniform(rng_, 0, 4)) {
+    switch (uniform_int(rng_, 0, 4)) {
       case 0:
         ASSERT_OK(cache_->truncate(len()));
         break;
@@ -450,11 +384,11 @@ class Runner {
   }
 
   void update(int64_t n) {
-    std::vector<Tensor> inputs;
+    std::vector<RandomTensor> inputs;
     const bool strided = coin(rng_, 3);
     for (size_t a = 0; a < 2; ++a) {
       inputs.push_back(
-          random_tensor(o_.dtype, {o_.batch, o_.num_kv_heads, n, dim(a)}, strided, rng_));
+          random_tensor(o_.dtype, {o_.batch, o_.num_kv_heads, n, dim(a)}, rng_, strided));
     }
     Result<CacheViews> views = cache_->update(inputs[0].view, inputs[1].view);
     if (o_.num_layers != 1) {
@@ -489,7 +423,7 @@ class Runner {
   }
 
   void truncate() {
-    const int64_t n = uniform(rng_, -1, len() + 1);
+    const int64_t n = uniform_int(rng_, -1, len() + 1);
     const Status s = cache_->truncate(n);
     if (n < 0 || n > len()) {
       EXPECT_TRUE(has_error(s, Code::invalid_argument, "KVCache.truncate: n is"));
@@ -500,7 +434,7 @@ class Runner {
   }
 
   void restore_target() {
-    const int64_t t = uniform(rng_, -1, len() + 1);
+    const int64_t t = uniform_int(rng_, -1, len() + 1);
     const Status s = cache_->restore(t);
     if (t < 0 || t > len()) {
       EXPECT_TRUE(has_error(s, Code::invalid_argument, "KVCache.restore: target is"));
@@ -511,10 +445,10 @@ class Runner {
   }
 
   void snapshot() {
-    int64_t from = uniform(rng_, -1, len() + 1);
+    int64_t from = uniform_int(rng_, -1, len() + 1);
     // Often from the end of a held snapshot, so that adjacent pairs arise for merge.
     if (!held_.empty() && coin(rng_)) {
-      const Held& h = held_[uniform(rng_, 0, static_cast<int64_t>(held_.size()) - 1)];
+      const Held& h = held_[uniform_int(rng_, 0, static_cast<int64_t>(held_.size()) - 1)];
       if (h.snapshot && h.snapshot->end() <= len()) from = h.snapshot->end();
     }
     Result<std::optional<Snapshot>> r = cache_->snapshot(from);
@@ -544,10 +478,10 @@ class Runner {
       return;
     }
     if (held_.empty()) return;
-    const Held& h = held_[uniform(rng_, 0, static_cast<int64_t>(held_.size()) - 1)];
+    const Held& h = held_[uniform_int(rng_, 0, static_cast<int64_t>(held_.size()) - 1)];
     const int64_t a = h.snapshot->begin();
     const int64_t b = h.snapshot->end();
-    const int64_t t = uniform(rng_, a - 1, b + 1);
+    const int64_t t = uniform_int(rng_, a - 1, b + 1);
     const int64_t capacity = cache_->capacity();
     const Status s = cache_->restore(*h.snapshot, t);
     if (a > len()) {
@@ -567,7 +501,7 @@ class Runner {
 
   void merge() {
     if (held_.size() < 2) return;
-    const auto pick = [&] { return uniform(rng_, 0, static_cast<int64_t>(held_.size()) - 1); };
+    const auto pick = [&] { return uniform_int(rng_, 0, static_cast<int64_t>(held_.size()) - 1); };
     int64_t i = pick();
     int64_t j = pick();
     // Half the time look for an adjacent pair.
@@ -626,7 +560,7 @@ class Runner {
 
   void split() {
     if (held_.empty()) return;
-    const auto i = uniform(rng_, 0, static_cast<int64_t>(held_.size()) - 1);
+    const auto i = uniform_int(rng_, 0, static_cast<int64_t>(held_.size()) - 1);
     if (coin(rng_, 10)) {
       const void* data = other_snapshot_->arrays()[0].data();
       EXPECT_TRUE(has_error(cache_->split(std::move(*other_snapshot_), 1), Code::invalid_argument,
@@ -639,7 +573,7 @@ class Runner {
     const int64_t a = h.snapshot->begin();
     const int64_t c = h.snapshot->end();
     const uint64_t id = h.snapshot->cache_id();
-    const int64_t at = uniform(rng_, a - 1, c + 1);
+    const int64_t at = uniform_int(rng_, a - 1, c + 1);
     Result<SnapshotPair> r = cache_->split(std::move(*h.snapshot), at);
     ASSERT_OK(r);
     const int64_t mid = std::clamp(at, a, c);

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <random>
@@ -25,6 +24,10 @@
 namespace kvcache {
 namespace {
 
+using ::kvcache::testing::buffer_bytes;
+using ::kvcache::testing::CacheFingerprint;
+using ::kvcache::testing::random_tensor;
+using ::kvcache::testing::RandomTensor;
 using ::kvcache::testing::seed_trace;
 using ::kvcache::testing::test_seed;
 using ::kvcache::testing::view_bytes;
@@ -34,65 +37,6 @@ using Bytes = std::vector<uint8_t>;
 constexpr int kNumSeeds = 1200;
 constexpr int kStepsPerSeed = 50;
 constexpr size_t kMaxHeld = 8;
-
-// An owned random host tensor (finite, non-zero values), optionally with a padded last axis so
-// the view is strided.
-struct HostTensor {
-  std::vector<float> storage;  // float for alignment; holds f32/f16/bf16 elements
-  TensorView view;
-
-  HostTensor(DType dtype, std::vector<int64_t> dims, bool padded, std::mt19937& rng) {
-    view.dtype = dtype;
-    view.rank = static_cast<int>(dims.size());
-    int64_t stride = 1;
-    for (int axis = view.rank - 1; axis >= 0; --axis) {
-      view.shape[axis] = dims[axis];
-      view.strides[axis] = stride;
-      stride *= dims[axis] + (padded && axis == view.rank - 1 ? 1 : 0);
-    }
-    const size_t num_bytes = static_cast<size_t>(stride) * size_of(dtype);
-    storage.resize(num_bytes / sizeof(float) + 1);
-    view.data = storage.data();
-    std::uniform_real_distribution<float> mag(0.25f, 2.0f);
-    std::bernoulli_distribution neg(0.5);
-    auto* bytes = reinterpret_cast<uint8_t*>(storage.data());
-    const size_t elem = size_of(dtype);
-    for (size_t i = 0; i + elem <= storage.size() * sizeof(float); i += elem) {
-      const float value = neg(rng) ? -mag(rng) : mag(rng);
-      if (dtype == DType::f32) {
-        std::memcpy(bytes + i, &value, sizeof(value));
-      } else {
-        const uint16_t bits = dtype == DType::f16 ? float_to_f16(value) : float_to_bf16(value);
-        std::memcpy(bytes + i, &bits, sizeof(bits));
-      }
-    }
-  }
-};
-
-// Observable state: each state() view's bytes (nullopt for null data) and the offset.
-struct Observed {
-  std::vector<std::optional<Bytes>> arrays;
-  int64_t offset = 0;
-  bool operator==(const Observed&) const = default;
-};
-
-Observed observe(const RecurrentCache& cache) {
-  Observed o;
-  for (const TensorView& v : cache.state()) {
-    if (v.data == nullptr && v.numel() > 0) {
-      o.arrays.emplace_back();
-    } else {
-      o.arrays.emplace_back(view_bytes(v));
-    }
-  }
-  o.offset = cache.offset();
-  return o;
-}
-
-Bytes buffer_bytes(const Buffer& b) {
-  const auto* p = static_cast<const uint8_t*>(b.data());
-  return p == nullptr ? Bytes() : Bytes(p, p + b.num_bytes());
-}
 
 struct ModelSnapshot {
   uint64_t cache_id;
@@ -111,8 +55,8 @@ struct Model {
   Bytes delta;
   int64_t offset = 0;
 
-  [[nodiscard]] Observed observed() const {
-    Observed o;
+  [[nodiscard]] CacheFingerprint observed() const {
+    CacheFingerprint o;
     if (freed) {
       o.arrays.emplace_back(conv_bytes == 0 ? std::optional<Bytes>(Bytes())
                                             : std::optional<Bytes>());
@@ -131,9 +75,7 @@ struct Model {
 };
 
 RecurrentCacheOptions random_options(std::mt19937& rng) {
-  const auto pick = [&](int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
+  const auto pick = [&](int64_t lo, int64_t hi) { return testing::uniform_int(rng, lo, hi); };
   RecurrentCacheOptions o;
   o.conv_tail = pick(0, 3);
   o.conv_dim = pick(o.conv_tail == 0 ? 0 : 1, 5);
@@ -185,22 +127,22 @@ class Harness {
   }
 
  private:
-  int64_t pick(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng_);
-  }
+  int64_t pick(int64_t lo, int64_t hi) { return testing::uniform_int(rng_, lo, hi); }
   bool chance(double p) { return std::bernoulli_distribution(p)(rng_); }
 
-  HostTensor conv_input(int64_t batch, DType dtype) {
-    return HostTensor(dtype, {batch, o_.conv_tail, o_.conv_dim}, chance(0.3), rng_);
+  RandomTensor conv_input(int64_t batch, DType dtype) {
+    const bool strided = chance(0.3);
+    return random_tensor(dtype, {batch, o_.conv_tail, o_.conv_dim}, rng_, strided);
   }
-  HostTensor delta_input(int64_t batch, DType dtype, int64_t extra_k = 0) {
-    return HostTensor(dtype, {batch, o_.num_v_heads, o_.head_v_dim, o_.head_k_dim + extra_k},
-                      chance(0.3), rng_);
+  RandomTensor delta_input(int64_t batch, DType dtype, int64_t extra_k = 0) {
+    const bool strided = chance(0.3);
+    return random_tensor(dtype, {batch, o_.num_v_heads, o_.head_v_dim, o_.head_k_dim + extra_k},
+                         rng_, strided);
   }
 
   void update_and_advance() {
-    HostTensor conv = conv_input(o_.batch, o_.dtype);
-    HostTensor delta = delta_input(o_.batch, o_.dtype);
+    RandomTensor conv = conv_input(o_.batch, o_.dtype);
+    RandomTensor delta = delta_input(o_.batch, o_.dtype);
     const int64_t n = pick(0, 4);
     ASSERT_OK(cache_->update(conv.view, delta.view));
     ASSERT_OK(cache_->advance(n));
@@ -214,8 +156,8 @@ class Harness {
     const int64_t kind = pick(0, 2);
     const int64_t batch = kind == 0 ? o_.batch + pick(1, 2) : o_.batch;
     const DType dtype = kind == 1 ? (o_.dtype == DType::f32 ? DType::bf16 : DType::f32) : o_.dtype;
-    HostTensor conv = conv_input(batch, dtype);
-    HostTensor delta = delta_input(batch, dtype, kind == 2 ? 1 : 0);
+    RandomTensor conv = conv_input(batch, dtype);
+    RandomTensor delta = delta_input(batch, dtype, kind == 2 ? 1 : 0);
     const char* fragment = kind == 0 ? "batch is" : kind == 1 ? "has dtype" : "head_k_dim";
     EXPECT_TRUE(::kvcache::testing::has_error(cache_->update(conv.view, delta.view),
                                               Code::invalid_argument, fragment));
@@ -266,8 +208,8 @@ class Harness {
   }
 
   void foreign_snapshot() {
-    HostTensor conv = conv_input(o_.batch, o_.dtype);
-    HostTensor delta = delta_input(o_.batch, o_.dtype);
+    RandomTensor conv = conv_input(o_.batch, o_.dtype);
+    RandomTensor delta = delta_input(o_.batch, o_.dtype);
     ASSERT_OK(other_->update(conv.view, delta.view));
     ASSERT_OK(other_->advance(pick(1, 5)));
     const int64_t from = pick(0, other_->offset() - 1);
@@ -327,13 +269,13 @@ class Harness {
     // Missing sides first, then the two must come from one cache, then adjacency.
     const char* why = nullptr;
     if (drop_parent) {
-      why = "parent is none";
+      why = "parent is missing";
     } else if (drop_child) {
-      why = "child is none";
+      why = "child is missing";
     } else if (mp.cache_id != mc.cache_id) {
       why = "expected the parent's cache";
     } else if (mp.end != mc.begin) {
-      why = "expected child to begin where parent ends";
+      why = "expected adjacent ranges";
     }
     if (why != nullptr) {
       EXPECT_TRUE(::kvcache::testing::has_error(merged, Code::invalid_argument, why));
@@ -363,7 +305,7 @@ class Harness {
   }
 
   void check() {
-    ASSERT_EQ(observe(*cache_), model_.observed());
+    ASSERT_EQ(testing::fingerprint(*cache_), model_.observed());
     ASSERT_EQ(held_.size(), model_held_.size());
     for (size_t i = 0; i < held_.size(); ++i) {
       SCOPED_TRACE("held snapshot " + std::to_string(i));

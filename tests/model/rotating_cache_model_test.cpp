@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstring>
 #include <map>
 #include <memory>
 #include <optional>
@@ -29,6 +28,7 @@
 namespace kvcache {
 namespace {
 
+using ::kvcache::testing::buffer_bytes;
 using ::kvcache::testing::has_error;
 using ::kvcache::testing::seed_trace;
 using ::kvcache::testing::test_seed;
@@ -38,19 +38,11 @@ using Bytes = std::vector<uint8_t>;
 using Positions = std::vector<int64_t>;
 
 // The model: every token appended, per position, as [B, H, D] bytes.
-struct Tokens {
-  std::vector<Bytes> k;
-  std::vector<Bytes> v;
-  [[nodiscard]] int64_t size() const { return static_cast<int64_t>(k.size()); }
-  void truncate(int64_t n) {
-    k.resize(static_cast<size_t>(n));
-    v.resize(static_cast<size_t>(n));
-  }
-};
+using Tokens = ::kvcache::testing::TokenHistory;
+using Input = Tokens::Input;
 
-Bytes buffer_bytes(const Buffer& b) {
-  const auto* p = static_cast<const uint8_t*>(b.data());
-  return p ? Bytes(p, p + b.num_bytes()) : Bytes();
+Tokens tokens_for(const RotatingKVCacheOptions& o) {
+  return Tokens(o.dtype, o.batch, o.num_kv_heads, o.head_dim, o.head_dim_v);
 }
 
 Positions positions(int64_t num_pinned, int64_t first, int64_t end) {
@@ -74,91 +66,6 @@ struct Rules {
   }
 };
 
-// A [B, H, L, D] input pair that owns its memory.
-struct Input {
-  std::vector<float> k_storage;  // float for alignment; holds any of f32/f16/bf16
-  std::vector<float> v_storage;
-  TensorView k;
-  TensorView v;
-};
-
-class Harness {
- public:
-  Harness(const RotatingKVCacheOptions& o, uint32_t seed) : o_(o), rng_(seed) {}
-
-  // `count` random (finite, non-zero) tokens appended to `tokens`; `strided` lays the input out
-  // as [B, L, H, D] in memory.
-  Input make_input(int64_t count, bool strided, Tokens& tokens) {
-    Input in;
-    in.k = fill(in.k_storage, o_.head_dim, count, strided, tokens.k);
-    in.v = fill(in.v_storage, o_.head_dim_v, count, strided, tokens.v);
-    return in;
-  }
-
-  // heads_first: [B, H, n, D] as update() returns; else [B, n, H, D] as state() and snapshots.
-  [[nodiscard]] Bytes gather(const std::vector<Bytes>& tokens, int64_t dim, const Positions& p,
-                             bool heads_first) const {
-    Bytes out;
-    const size_t row = static_cast<size_t>(dim) * size_of(o_.dtype);
-    const auto append = [&](int64_t pos, int64_t b, int64_t h) {
-      const uint8_t* src = tokens[static_cast<size_t>(pos)].data() +
-                           static_cast<size_t>(b * o_.num_kv_heads + h) * row;
-      out.insert(out.end(), src, src + row);
-    };
-    for (int64_t b = 0; b < o_.batch; ++b) {
-      if (heads_first) {
-        for (int64_t h = 0; h < o_.num_kv_heads; ++h) {
-          for (int64_t pos : p) append(pos, b, h);
-        }
-      } else {
-        for (int64_t pos : p) {
-          for (int64_t h = 0; h < o_.num_kv_heads; ++h) append(pos, b, h);
-        }
-      }
-    }
-    return out;
-  }
-
-  std::mt19937& rng() { return rng_; }
-
- private:
-  TensorView fill(std::vector<float>& storage, int64_t dim, int64_t count, bool strided,
-                  std::vector<Bytes>& tokens) {
-    const int64_t b_n = o_.batch;
-    const int64_t h_n = o_.num_kv_heads;
-    const size_t elem = size_of(o_.dtype);
-    storage.assign(static_cast<size_t>(b_n * h_n * count * dim), 0.0f);
-    TensorView t;
-    t.data = storage.data();
-    t.dtype = o_.dtype;
-    t.rank = 4;
-    t.shape = {b_n, h_n, count, dim};
-    t.strides = strided ? std::array<int64_t, kMaxRank>{count * h_n * dim, dim, h_n * dim, 1}
-                        : std::array<int64_t, kMaxRank>{h_n * count * dim, count * dim, dim, 1};
-    std::uniform_real_distribution<float> magnitude(0.25f, 4.0f);
-    std::bernoulli_distribution negative(0.5);
-    for (int64_t i = 0; i < count; ++i) {
-      Bytes token(static_cast<size_t>(b_n * h_n * dim) * elem);
-      for (int64_t b = 0; b < b_n; ++b) {
-        for (int64_t h = 0; h < h_n; ++h) {
-          for (int64_t d = 0; d < dim; ++d) {
-            const float x = negative(rng_) ? -magnitude(rng_) : magnitude(rng_);
-            uint8_t* dst = token.data() + static_cast<size_t>((b * h_n + h) * dim + d) * elem;
-            from_float(&x, o_.dtype, dst, 1);
-            const int64_t index[] = {b, h, i, d};
-            std::memcpy(t.element_ptr(index), dst, elem);
-          }
-        }
-      }
-      tokens.push_back(std::move(token));
-    }
-    return t;
-  }
-
-  RotatingKVCacheOptions o_;
-  std::mt19937 rng_;
-};
-
 // A snapshot and the model tokens [0, end) of the history it was taken from.
 struct Entry {
   std::optional<Snapshot> snap;
@@ -172,17 +79,23 @@ using Tally = std::map<std::string, std::array<int64_t, 2>>;
 class RotatingModelRun {
  public:
   RotatingModelRun(const RotatingKVCacheOptions& o, uint32_t seed, Tally* tally)
-      : o_(o), rules_{o.max_size, o.keep}, h_(o, seed), tally_(tally) {
+      : o_(o),
+        rules_{o.max_size, o.keep},
+        rng_(seed),
+        model_(tokens_for(o)),
+        twin_tokens_(tokens_for(o)),
+        foreign_tokens_(tokens_for(o)),
+        tally_(tally) {
     cache_ = std::move(*RotatingKVCache::create(o));
     twin_ = std::move(*RotatingKVCache::create(o));
     RotatingKVCacheOptions other = o;
     other.keep = (o.keep + 1) % o.max_size;
     foreign_ = std::move(*RotatingKVCache::create(other));
-    Harness foreign_h(other, seed + 1);
+    std::mt19937 foreign_rng(seed + 1);
     // A few snapshots of another cache with the same layout, and of another layout.
     for (int64_t end : {2, 4, 9}) {
-      twin_entries_.push_back(take(*twin_, h_, twin_tokens_, end, false));
-      foreign_entries_.push_back(take(*foreign_, foreign_h, foreign_tokens_, end, true));
+      twin_entries_.push_back(take(*twin_, rng_, twin_tokens_, end, false));
+      foreign_entries_.push_back(take(*foreign_, foreign_rng, foreign_tokens_, end, true));
     }
   }
 
@@ -211,12 +124,10 @@ class RotatingModelRun {
   }
 
  private:
-  int64_t pick(int64_t lo, int64_t hi) {
-    return std::uniform_int_distribution<int64_t>(lo, hi)(h_.rng());
-  }
+  int64_t pick(int64_t lo, int64_t hi) { return ::kvcache::testing::uniform_int(rng_, lo, hi); }
 
-  Entry take(RotatingKVCache& c, Harness& h, Tokens& tokens, int64_t end, bool foreign) {
-    const Input in = h.make_input(end - c.offset(), false, tokens);
+  Entry take(RotatingKVCache& c, std::mt19937& rng, Tokens& tokens, int64_t end, bool foreign) {
+    const Input in = tokens.next(end - c.offset(), rng);
     EXPECT_OK(c.update(in.k, in.v));
     Result<std::optional<Snapshot>> s = c.snapshot(c.offset() - 1);
     EXPECT_OK(s);
@@ -231,8 +142,8 @@ class RotatingModelRun {
     const std::vector<TensorView> s = cache_->state();
     ASSERT_EQ(s.size(), 2u);
     const Positions w = rules_.window(n);
-    EXPECT_EQ(view_bytes(s[0]), h_.gather(model_.k, o_.head_dim, w, false));
-    EXPECT_EQ(view_bytes(s[1]), h_.gather(model_.v, o_.head_dim_v, w, false));
+    EXPECT_EQ(view_bytes(s[0]), model_.keys(w, false));
+    EXPECT_EQ(view_bytes(s[1]), model_.values(w, false));
   }
 
   void expect_snapshot_holds(const Snapshot& s, const Tokens& tokens) {
@@ -240,10 +151,10 @@ class RotatingModelRun {
     const int64_t n = static_cast<int64_t>(w.size());
     ASSERT_EQ(s.arrays().size(), 2u);
     EXPECT_EQ(view_bytes(s.arrays()[0].view(o_.dtype, {o_.batch, n, o_.num_kv_heads, o_.head_dim})),
-              h_.gather(tokens.k, o_.head_dim, w, false));
+              tokens.keys(w, false));
     EXPECT_EQ(
         view_bytes(s.arrays()[1].view(o_.dtype, {o_.batch, n, o_.num_kv_heads, o_.head_dim_v})),
-        h_.gather(tokens.v, o_.head_dim_v, w, false));
+        tokens.values(w, false));
   }
 
   void count(const std::string& op, bool ok) { ++(*tally_)[op][ok ? 0 : 1]; }
@@ -251,13 +162,14 @@ class RotatingModelRun {
   void do_update() {
     const int64_t count_tokens = pick(1, o_.max_size + 2);
     const int64_t begin = model_.size();
-    const Input in = h_.make_input(count_tokens, pick(0, 1) == 1, model_);
+    const bool strided = pick(0, 1) == 1;
+    const Input in = model_.next(count_tokens, rng_, strided);
     Result<CacheViews> views = cache_->update(in.k, in.v);
     ASSERT_OK(views);
     const int64_t end = model_.size();
     const Positions want = rules_.update_view(begin, end);
-    EXPECT_EQ(view_bytes(views->keys), h_.gather(model_.k, o_.head_dim, want, true));
-    EXPECT_EQ(view_bytes(views->values), h_.gather(model_.v, o_.head_dim_v, want, true));
+    EXPECT_EQ(view_bytes(views->keys), model_.keys(want, true));
+    EXPECT_EQ(view_bytes(views->values), model_.values(want, true));
     EXPECT_EQ(views->num_pinned, end > o_.max_size ? o_.keep : 0);
     EXPECT_EQ(views->first_pos, end > o_.max_size ? want[static_cast<size_t>(o_.keep)] : 0);
   }
@@ -439,7 +351,7 @@ class RotatingModelRun {
 
   RotatingKVCacheOptions o_;
   Rules rules_;
-  Harness h_;
+  std::mt19937 rng_;
   std::unique_ptr<RotatingKVCache> cache_;
   std::unique_ptr<RotatingKVCache> twin_;     // same layout, another cache
   std::unique_ptr<RotatingKVCache> foreign_;  // another keep
