@@ -2,6 +2,7 @@
 #include "model/tiny_model.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -190,16 +191,29 @@ TEST(TinyModel, SpeculativeRollbackRestoresIdenticalLogits) {
   }
 }
 
-// Adds 1 to the first element of a cache view (any storage dtype).
-void corrupt_first(const TensorView& t, std::span<const int64_t> index) {
-  void* p = t.element_ptr(index);
-  float x = 0.0f;
-  to_float(t.dtype, p, &x, 1);
-  x += 1.0f;
-  from_float(&x, t.dtype, p, 1);
+// Adds `delta` to every element of a cache view whose leading indices are `prefix` (a whole
+// token row, or one head of a state), in any storage dtype.
+void corrupt(const TensorView& t, std::span<const int64_t> prefix, float delta) {
+  std::array<int64_t, kMaxRank> index{};
+  for (size_t i = 0; i < prefix.size(); ++i) index[i] = prefix[i];
+  const int first_free = static_cast<int>(prefix.size());
+  for (;;) {
+    void* p = t.element_ptr(std::span<const int64_t>(index.data(), t.rank));
+    float x = 0.0f;
+    to_float(t.dtype, p, &x, 1);
+    x += delta;
+    from_float(&x, t.dtype, p, 1);
+    int axis = t.rank - 1;
+    for (; axis >= first_free; --axis) {
+      if (++index[axis] < t.shape[axis]) break;
+      index[axis] = 0;
+    }
+    if (axis < first_free) return;
+  }
 }
 
-// The comparison is not vacuous: one corrupted cached value in any kind of cache shows up.
+// The comparison is not vacuous: a corrupted cached token (or state head) in any kind of cache
+// shows up, whatever the seed.
 TEST(TinyModel, CorruptedCacheIsDetected) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
@@ -209,18 +223,24 @@ TEST(TinyModel, CorruptedCacheIsDetected) {
   std::vector<int32_t> tokens = random_tokens(rng, 12, vocab);
   const int32_t next = tokens.back();
   tokens.pop_back();
-  // layer 0: contiguous K of position 2; sliding: a pinned K; recurrent: the delta state.
-  const int64_t kv_index[] = {0, 2, 0, 0};
-  const int64_t pinned_index[] = {0, 0, 1, 3};
-  const int64_t delta_index[] = {0, 1, 2, 3};
+  // state() views: attention [batch, tokens, heads, dim]; recurrent delta [batch, heads, dv, dk].
+  const int64_t contiguous_token[] = {0, 2};  // layer 0: token 2, K and V
+  const int64_t pinned_token[] = {0, 1};      // sliding layer: the pinned token 1, K and V
+  const int64_t delta_head[] = {0, 1};        // recurrent: head 1 of the delta state
   for (const int64_t layer : {int64_t{0}, kSlidingLayer, kRecurrentLayer}) {
     SCOPED_TRACE("layer " + std::to_string(layer));
     auto session = make_session(*model);
     ASSERT_OK(session->prefill(tokens));
     std::vector<TensorView> state = session->cache(layer).state();
-    if (layer == 0) corrupt_first(state[0], kv_index);
-    if (layer == kSlidingLayer) corrupt_first(state[0], pinned_index);
-    if (layer == kRecurrentLayer) corrupt_first(state[1], delta_index);
+    if (layer == 0) {
+      corrupt(state[0], contiguous_token, 2.0f);
+      corrupt(state[1], contiguous_token, 2.0f);
+    }
+    if (layer == kSlidingLayer) {
+      corrupt(state[0], pinned_token, 2.0f);
+      corrupt(state[1], pinned_token, 2.0f);
+    }
+    if (layer == kRecurrentLayer) corrupt(state[1], delta_head, 1.0f);
 
     std::vector<int32_t> all = tokens;
     all.push_back(next);

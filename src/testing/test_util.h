@@ -62,7 +62,9 @@ template <class S>
 // The seed for randomized tests: gtest's --gtest_random_seed when given, else a fixed one.
 // Tests log it with SCOPED_TRACE(seed_trace(seed)) so a failure names it.
 inline uint32_t test_seed() {
-  const int s = ::testing::UnitTest::GetInstance()->random_seed();
+  // The flag itself, not UnitTest::random_seed(), which is time-based when the flag is 0: runs
+  // without the flag are reproducible.
+  const int s = GTEST_FLAG_GET(random_seed);
   return s == 0 ? 20261125u : static_cast<uint32_t>(s);
 }
 inline std::string seed_trace(uint32_t seed) {

@@ -37,6 +37,37 @@ using model::TinyModel;
 
 constexpr int64_t kDraftEvery = 8;  // decode steps between speculative drafts
 
+// Adds delta to every element of token `token` of a [batch, tokens, heads, dim] cache view (batch
+// row 0) and returns the bytes it overwrote, for restore_token.
+std::vector<std::byte> add_to_token(const TensorView& t, int64_t token, float delta) {
+  std::vector<std::byte> saved;
+  const size_t elem = size_of(t.dtype);
+  for (int64_t h = 0; h < t.dim(2); ++h) {
+    for (int64_t d = 0; d < t.dim(3); ++d) {
+      const int64_t index[] = {0, token, h, d};
+      void* p = t.element_ptr(index);
+      const auto* bytes = static_cast<const std::byte*>(p);
+      saved.insert(saved.end(), bytes, bytes + elem);
+      float value = 0.0f;
+      to_float(t.dtype, p, &value, 1);
+      value += delta;
+      from_float(&value, t.dtype, p, 1);
+    }
+  }
+  return saved;
+}
+
+void restore_token(const TensorView& t, int64_t token, const std::vector<std::byte>& saved) {
+  const size_t elem = size_of(t.dtype);
+  size_t at = 0;
+  for (int64_t h = 0; h < t.dim(2); ++h) {
+    for (int64_t d = 0; d < t.dim(3); ++d, at += elem) {
+      const int64_t index[] = {0, token, h, d};
+      std::memcpy(t.element_ptr(index), saved.data() + at, elem);
+    }
+  }
+}
+
 constexpr const char* kUsage =
     "usage: kvcache demo [options]\n"
     "\n"
@@ -299,21 +330,20 @@ int run(const Options& o) {
     next = model::argmax(*logits);
   }
 
-  // Negative control: change one cached K value, see the check fail, then roll the damage back.
+  // Negative control: damage one cached token (its K and V rows, every head), see the check
+  // fail, then undo the damage and roll back. A whole row, not one value: a single value can
+  // hide behind a small attention weight for some seeds.
   auto cp = session.checkpoint();
   if (!cp.ok()) return fail(cp.status());
   // The last full-attention layer: nearest the logits, so the damage shows most.
   int64_t victim = session.num_layers() - 1;
   while (session.cache(victim).kind() != CacheKind::contiguous && victim > 0) --victim;
-  const TensorView k = session.cache(victim).state()[0];
-  const int64_t index[] = {0, std::min<int64_t>(1, k.dim(1) - 1), 0, 0};
-  void* element = k.element_ptr(index);
-  std::vector<std::byte> saved(size_of(k.dtype));
-  std::memcpy(saved.data(), element, saved.size());
-  float value = 0.0f;
-  to_float(k.dtype, element, &value, 1);
-  value += 2.0f;
-  from_float(&value, k.dtype, element, 1);
+  const std::vector<TensorView> victim_state = session.cache(victim).state();
+  const int64_t victim_token = std::min<int64_t>(1, victim_state[0].dim(1) - 1);
+  std::vector<std::vector<std::byte>> saved;
+  for (const TensorView& t : {victim_state[0], victim_state[1]}) {
+    saved.push_back(add_to_token(t, victim_token, 2.0f));
+  }
   auto corrupted = session.decode(next);
   if (!corrupted.ok()) return fail(corrupted.status());
   std::vector<int32_t> with_next = tokens;
@@ -322,7 +352,8 @@ int run(const Options& o) {
   if (!reference.ok()) return fail(reference.status());
   const float corrupt_diff = model::max_abs_diff(*corrupted, *reference);
   const bool caught = corrupt_diff > kLogitTolerance;
-  std::memcpy(element, saved.data(), saved.size());
+  restore_token(victim_state[0], victim_token, saved[0]);
+  restore_token(victim_state[1], victim_token, saved[1]);
   if (Status s = session.rollback(*cp); !s.ok()) return fail(s);
   auto session_state = state_bytes(session);
   auto plain_state = state_bytes(plain);
@@ -375,7 +406,8 @@ int run(const Options& o) {
   }
   checks.add(caught);
   checks.line(caught, "corrupt",
-              "one cached K value of layer " + std::to_string(victim) + " changed by 2: " +
+              "cached token " + std::to_string(victim_token) + " of layer " +
+                  std::to_string(victim) + " (K and V) changed by 2: " +
                   (caught ? "caught" : "NOT caught") + ", max |diff| " + sci(corrupt_diff));
   checks.add(identical);
   checks.line(
