@@ -4,6 +4,7 @@
 // Device names where bytes live and where work runs; Stream names the queue work is issued on.
 // Both are plain values: intentionally copyable, thread-compatible.
 
+#include <cstdint>
 #include <string>
 
 #include "kvcache/export.h"
