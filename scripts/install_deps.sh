@@ -11,6 +11,9 @@ command -v ninja >/dev/null || missing+=(ninja-build)
   [ -f /usr/lib/cmake/GTest/GTestConfig.cmake ] ||
   [ -n "$(find /usr -name GTestConfig.cmake -print -quit 2>/dev/null)" ] || missing+=(libgtest-dev)
 
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+[ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "kvcache: missing packages: ${missing[*]}; run as root or: apt-get install ${missing[*]}" >&2
