@@ -1,0 +1,149 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// BlockManager: which page of a paged KV pool holds each token of each sequence. Metadata only
+// (page ids, refcounts, token ids, prefix keys); the K/V bytes live in pools the ops read and
+// write. Slot s of the pool is token s % page_size of page s / page_size.
+//
+// A sequence (a SeqId the caller picks) owns one reference to each page of its page table.
+// Pages are shared between sequences by fork() (copy-on-write) and by prefix caching: every page
+// that fills up gets a key (include/kvcache/page_key.h) and enters a prefix index, and add()
+// reuses the longest run of cached full pages that matches the prompt. A hit is verified against
+// the page's stored token ids, tenant salt, adapter, multimodal spans and parent page, so a key
+// collision never hands out another request's K/V. Cached pages are never written: a sequence
+// that must write into a shared or cached page gets a copy (a PageCopy the caller applies with
+// copy_pages before this step's writes). Cached pages nobody uses wait in an LRU and are evicted
+// only when no free page is left.
+//
+// Per step the caller: reserve(seq, n) -> slots for the next n tokens; applies
+// pending_copies() in order and clear_pending_copies(); runs the model writing K/V to the slots;
+// commit(seq, token ids).
+//
+// A BlockManager is not thread-safe; one scheduler thread owns it (const methods included).
+// Refusals return a Status and change nothing.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "kvcache/export.h"
+#include "kvcache/page_key.h"
+#include "kvcache/status.h"
+
+namespace kvcache {
+
+using SeqId = int64_t;
+using PageId = int32_t;
+
+struct BlockManagerOptions {
+  // --- affects behaviour ---
+  int64_t num_pages = 0;        // pages in the pool, >= 1
+  int64_t page_size = 16;       // tokens per page, >= 1; must equal fingerprint.page_size
+  int64_t watermark_pages = 0;  // pages can_admit() keeps back for running sequences to grow
+  bool enable_prefix_caching = true;
+  HashKind hash_kind = HashKind::sha256;
+  KeyFingerprint fingerprint;  // model/layout identity at the root of every key chain
+  KeyHashFn hash_override;     // replaces hash_kind's function when set (tests inject weak ones)
+  // --- affects performance ---
+  int64_t max_pages_per_seq_hint = 64;  // page-table capacity reserved per sequence at add()
+};
+
+// One page to copy before this step's writes: all page_size slots of src to dst.
+struct PageCopy {
+  PageId src = 0;
+  PageId dst = 0;
+  friend bool operator==(const PageCopy&, const PageCopy&) = default;
+};
+
+// Counters since construction. Intentionally copyable.
+struct BlockManagerStats {
+  int64_t prefix_queries = 0;         // add() calls with prefix caching on
+  int64_t prefix_hits = 0;            // ... that reused at least one page
+  int64_t prefix_tokens_queried = 0;  // prompt tokens of those calls
+  int64_t prefix_tokens_hit = 0;      // prompt tokens served from cached pages
+  int64_t evictions = 0;              // cached pages whose key was dropped to reuse the page
+  int64_t cow_copies = 0;             // PageCopy entries produced
+  int64_t duplicate_pages = 0;        // full pages not cached because an identical one already was
+  friend bool operator==(const BlockManagerStats&, const BlockManagerStats&) = default;
+};
+
+class KVCACHE_API BlockManager {
+ public:
+  // invalid_argument for num_pages outside [1, 2^30], page_size < 1, fingerprint.page_size !=
+  // page_size, watermark_pages outside [0, num_pages] or a negative hint.
+  static Result<std::unique_ptr<BlockManager>> create(const BlockManagerOptions& options);
+  ~BlockManager();
+  BlockManager(const BlockManager&) = delete;
+  BlockManager& operator=(const BlockManager&) = delete;
+
+  // --- sequence ops ---
+
+  // Registers `seq` and gives it the longest verified run of cached full pages that matches
+  // `prompt` (refcount up), at most (prompt.size() - 1) / page_size pages so that the last prompt
+  // token is always computed (its logits are needed). Returns the number of prompt tokens already
+  // cached (a multiple of page_size); the caller reserves and commits the rest. `extras` is copied.
+  // invalid_argument for an existing seq or bad multimodal spans (need 0 <= begin < end, sorted).
+  Result<int64_t> add(SeqId seq, std::span<const int32_t> prompt, const KeyExtras& extras = {});
+  // Makes room for tokens [num_tokens, num_tokens + n) and returns their slots (page_id *
+  // page_size + offset), a span into manager-owned memory valid until the next call. Replaces any
+  // earlier reservation (pages past the new end go back). A shared or cached page to be written
+  // is copied first (copy-on-write). not_found for an unknown seq, invalid_argument for n < 0,
+  // resource_exhausted when the pool cannot supply the pages.
+  Result<std::span<const int64_t>> reserve(SeqId seq, int64_t n);
+  // The next tokens.size() reserved positions now hold `tokens`; each page that fills up gets its
+  // key and enters the prefix index (unless an identical verified page already is: that one stays,
+  // this one stays private). not_found, or invalid_argument for more tokens than reserved.
+  Status commit(SeqId seq, std::span<const int32_t> tokens);
+  // Keeps tokens [0, n) and drops the reservation; pages past the end go back. A kept page that is
+  // shared or cached is copied at the next reserve that writes into it. not_found, or
+  // invalid_argument unless 0 <= n <= num_tokens(seq).
+  Status truncate(SeqId seq, int64_t n);
+  // `child` shares all pages holding `parent`'s tokens (not its reservation), refcount up.
+  // not_found for an unknown parent, invalid_argument for an existing child.
+  Status fork(SeqId parent, SeqId child);
+  // Drops the sequence's references: cached pages nobody uses go to the LRU, others are free.
+  // not_found for an unknown seq.
+  Status free(SeqId seq);
+
+  // --- queries ---
+
+  // Pages of `seq` in token order: ceil((num_tokens + num_reserved) / page_size) of them; valid
+  // until the next non-const call. not_found for an unknown seq.
+  [[nodiscard]] Result<std::span<const PageId>> page_table(SeqId seq) const;
+  [[nodiscard]] Result<int64_t> num_tokens(SeqId seq) const;
+  [[nodiscard]] Result<int64_t> num_reserved(SeqId seq) const;
+  [[nodiscard]] bool contains(SeqId seq) const;
+  [[nodiscard]] int64_t num_sequences() const;
+  // The tokens add(prompt, extras) would find cached now (same cap), without taking references
+  // or counting in stats. invalid_argument for bad multimodal spans.
+  [[nodiscard]] Result<int64_t> match_prefix(std::span<const int32_t> prompt,
+                                             const KeyExtras& extras = {}) const;
+  // True when pages for num_new_tokens tokens (ceil(num_new_tokens / page_size); subtract a
+  // prefix hit first) fit in the free and evictable pages with watermark_pages kept back.
+  [[nodiscard]] bool can_admit(int64_t num_new_tokens) const;
+
+  [[nodiscard]] int64_t num_pages() const;
+  [[nodiscard]] int64_t page_size() const;
+  [[nodiscard]] int64_t num_free_pages() const;       // refcount 0, no cached prefix
+  [[nodiscard]] int64_t num_cached_pages() const;     // holding a key, used or not
+  [[nodiscard]] int64_t num_evictable_pages() const;  // cached with refcount 0 (on the LRU)
+  [[nodiscard]] int64_t num_used_pages() const;       // refcount > 0
+  [[nodiscard]] const BlockManagerStats& stats() const;
+
+  // Copies produced by reserve() since the last clear, in the order they must run.
+  [[nodiscard]] std::span<const PageCopy> pending_copies() const;
+  void clear_pending_copies();
+
+  // Every internal invariant (refcounts equal the references held, no page both free and used,
+  // free + evictable + used == num_pages, page tables cover exactly the tokens, the prefix index
+  // and the cached pages agree). internal naming the first violation; for tests.
+  [[nodiscard]] Status check_invariants() const;
+
+ private:
+  struct Rep;
+  explicit BlockManager(std::unique_ptr<Rep> rep);
+  std::unique_ptr<Rep> rep_;
+};
+
+}  // namespace kvcache
