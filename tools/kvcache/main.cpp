@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 
+#include "bench.h"
 #include "demo.h"
 
 namespace {
@@ -14,6 +15,7 @@ constexpr const char* kUsage =
     "commands:\n"
     "  demo    decode with a small deterministic transformer over the per-sequence caches and\n"
     "          check every step against a recompute without cache (the main job)\n"
+    "  bench   time the library (suites: manager); prints a table, writes JSON\n"
     "\n"
     "Run 'kvcache <command> --help' for a command's options.\n";
 
@@ -25,7 +27,8 @@ int main(int argc, char** argv) {
     return argc < 2 ? 2 : 0;
   }
   if (std::strcmp(argv[1], "demo") == 0) return kvcache::cli::run_demo(argc - 1, argv + 1);
-  std::fprintf(stderr, "kvcache: unknown command '%s', expected one of: demo (see --help)\n",
+  if (std::strcmp(argv[1], "bench") == 0) return kvcache::cli::run_bench(argc - 1, argv + 1);
+  std::fprintf(stderr, "kvcache: unknown command '%s', expected one of: demo, bench (see --help)\n",
                argv[1]);
   return 2;
 }
