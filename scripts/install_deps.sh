@@ -13,6 +13,10 @@ command -v ninja >/dev/null || missing+=(ninja-build)
 
 [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
 [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+# The fuzz pass of `make test` builds with clang and libFuzzer.
+command -v clang++ >/dev/null || missing+=(clang)
+compgen -G "/usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a" >/dev/null ||
+  missing+=(libclang-rt-14-dev)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
