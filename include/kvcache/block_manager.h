@@ -19,6 +19,13 @@
 // pending_copies() in order and clear_pending_copies(); runs the model writing K/V to the slots;
 // commit(seq, token ids).
 //
+// For a router (with record_events): every page that enters the prefix index or leaves it appends
+// a PageEvent; replaying cached/evicted in order gives exactly the keys cached now. Drain with
+// events() and clear_events(). A caller that already has a prompt's page_keys() (a router or the
+// scheduler computed them once) passes them to add() / match_prefix() to skip hashing; hits are
+// verified either way. plan_preemption() tells the scheduler which sequences to free when the pool
+// runs dry.
+//
 // A BlockManager is not thread-safe; one scheduler thread owns it (const methods included).
 // Refusals return a Status and change nothing.
 
@@ -42,6 +49,7 @@ struct BlockManagerOptions {
   int64_t page_size = 16;       // tokens per page, >= 1; must equal fingerprint.page_size
   int64_t watermark_pages = 0;  // pages can_admit() keeps back for running sequences to grow
   bool enable_prefix_caching = true;
+  bool record_events = false;  // queue a PageEvent per page cached / evicted (for a router)
   HashKind hash_kind = HashKind::sha256;
   KeyFingerprint fingerprint;  // model/layout identity at the root of every key chain
   KeyHashFn hash_override;     // replaces hash_kind's function when set (tests inject weak ones)
@@ -56,15 +64,43 @@ struct PageCopy {
   friend bool operator==(const PageCopy&, const PageCopy&) = default;
 };
 
-// Counters since construction. Intentionally copyable.
+// A page entered the prefix index (cached) or its key was dropped (evicted).
+enum class PageEventKind : uint8_t { cached, evicted };
+// "cached", "evicted".
+[[nodiscard]] KVCACHE_API const char* name(PageEventKind kind);
+
+// What a router needs to track which prefixes this instance holds. Intentionally copyable.
+struct PageEvent {
+  PageEventKind kind = PageEventKind::cached;
+  PageKey key;
+  PageKey parent;           // the previous page's key; the chain root for a sequence's first page
+  int64_t num_tokens = 0;   // tokens the page holds (page_size)
+  int64_t layer_group = 0;  // fingerprint.layer_group
+  friend bool operator==(const PageEvent&, const PageEvent&) = default;
+};
+
+// Counters since construction (pages used / free / cached are queries of BlockManager).
+// Intentionally copyable.
 struct BlockManagerStats {
   int64_t prefix_queries = 0;         // add() calls with prefix caching on
   int64_t prefix_hits = 0;            // ... that reused at least one page
   int64_t prefix_tokens_queried = 0;  // prompt tokens of those calls
   int64_t prefix_tokens_hit = 0;      // prompt tokens served from cached pages
-  int64_t evictions = 0;              // cached pages whose key was dropped to reuse the page
-  int64_t cow_copies = 0;             // PageCopy entries produced
-  int64_t duplicate_pages = 0;        // full pages not cached because an identical one already was
+  int64_t evictions = 0;        // cached keys dropped (page reused or replaced): evicted events
+  int64_t cow_copies = 0;       // PageCopy entries produced
+  int64_t duplicate_pages = 0;  // full pages not cached because an identical one already was
+  // prefix_tokens_hit / prefix_tokens_queried; 0 before any query.
+  [[nodiscard]] double prefix_hit_rate() const {
+    return prefix_tokens_queried == 0 ? 0.0
+                                      : static_cast<double>(prefix_tokens_hit) /
+                                            static_cast<double>(prefix_tokens_queried);
+  }
+  // prefix_hits / prefix_queries; 0 before any query.
+  [[nodiscard]] double prefix_query_hit_rate() const {
+    return prefix_queries == 0
+               ? 0.0
+               : static_cast<double>(prefix_hits) / static_cast<double>(prefix_queries);
+  }
   friend bool operator==(const BlockManagerStats&, const BlockManagerStats&) = default;
 };
 
@@ -85,6 +121,11 @@ class KVCACHE_API BlockManager {
   // cached (a multiple of page_size); the caller reserves and commits the rest. `extras` is copied.
   // invalid_argument for an existing seq or bad multimodal spans (need 0 <= begin < end, sorted).
   Result<int64_t> add(SeqId seq, std::span<const int32_t> prompt, const KeyExtras& extras = {});
+  // The same, given the prompt's keys: page_keys() of `prompt` under this manager's fingerprint
+  // and hash (prompt.size() / page_size of them). Hits are still verified against the stored
+  // tokens and extras, so wrong keys only cause misses. Also invalid_argument for a wrong count.
+  Result<int64_t> add(SeqId seq, std::span<const int32_t> prompt, std::span<const PageKey> keys,
+                      const KeyExtras& extras);
   // Makes room for tokens [num_tokens, num_tokens + n) and returns their slots (page_id *
   // page_size + offset), a span into manager-owned memory valid until the next call. Replaces any
   // earlier reservation (pages past the new end go back). A shared or cached page to be written
@@ -119,9 +160,22 @@ class KVCACHE_API BlockManager {
   // or counting in stats. invalid_argument for bad multimodal spans.
   [[nodiscard]] Result<int64_t> match_prefix(std::span<const int32_t> prompt,
                                              const KeyExtras& extras = {}) const;
+  // The same with the prompt's keys given (see add()); invalid_argument for a wrong key count.
+  [[nodiscard]] Result<int64_t> match_prefix(std::span<const int32_t> prompt,
+                                             std::span<const PageKey> keys,
+                                             const KeyExtras& extras) const;
+  // True when a page with this key is in the prefix index (used or evictable).
+  [[nodiscard]] bool is_cached(const PageKey& key) const;
   // True when pages for num_new_tokens tokens (ceil(num_new_tokens / page_size); subtract a
   // prefix hit first) fit in the free and evictable pages with watermark_pages kept back.
   [[nodiscard]] bool can_admit(int64_t num_new_tokens) const;
+  // The shortest prefix of victims_in_order (the scheduler's lowest priority first) whose free()
+  // would leave at least num_pages_needed pages available (free + evictable; a page another
+  // sequence still holds frees nothing, a cached one becomes evictable). Empty when enough are
+  // available already. Changes nothing. invalid_argument for num_pages_needed < 0 or a repeated
+  // victim, not_found for an unknown one, resource_exhausted when freeing all is not enough.
+  [[nodiscard]] Result<std::vector<SeqId>> plan_preemption(
+      int64_t num_pages_needed, std::span<const SeqId> victims_in_order) const;
 
   [[nodiscard]] int64_t num_pages() const;
   [[nodiscard]] int64_t page_size() const;
@@ -134,6 +188,9 @@ class KVCACHE_API BlockManager {
   // Copies produced by reserve() since the last clear, in the order they must run.
   [[nodiscard]] std::span<const PageCopy> pending_copies() const;
   void clear_pending_copies();
+  // Page events (with record_events) since the last clear, oldest first.
+  [[nodiscard]] std::span<const PageEvent> events() const;
+  void clear_events();
 
   // Every internal invariant (refcounts equal the references held, no page both free and used,
   // free + evictable + used == num_pages, page tables cover exactly the tokens, the prefix index

@@ -43,6 +43,7 @@ bool overlaps(int64_t begin, int64_t end, int64_t first_pos, int64_t page_size) 
 // parent page cannot vouch for a child it never had.
 struct PageMeta {
   PageKey key;
+  PageKey parent;           // the previous page's key or the chain root (for events)
   uint64_t uid = 0;         // 0 while not cached
   uint64_t parent_uid = 0;  // 0 for the first page of a sequence (verified by salt instead)
   std::string salt;         // first pages only
@@ -139,7 +140,28 @@ Status check_extras(std::string_view op, const KeyExtras& extras) {
   return Status();
 }
 
+// keys.size() == prompt.size() / page_size.
+Status check_keys(std::string_view op, std::span<const int32_t> prompt,
+                  std::span<const PageKey> keys, int64_t page_size) {
+  const int64_t want = static_cast<int64_t>(prompt.size()) / page_size;
+  if (static_cast<int64_t>(keys.size()) == want) return Status();
+  return Status::invalid_argument(
+      std::string(op) + ": keys has " + std::to_string(keys.size()) +
+      " entries, expected prompt.size() / page_size = " + std::to_string(prompt.size()) + " / " +
+      std::to_string(page_size) + " = " + std::to_string(want));
+}
+
 }  // namespace
+
+const char* name(PageEventKind kind) {
+  switch (kind) {
+    case PageEventKind::cached:
+      return "cached";
+    case PageEventKind::evicted:
+      return "evicted";
+  }
+  return "unknown";
+}
 
 struct BlockManager::Rep {
   explicit Rep(const BlockManagerOptions& o)
@@ -152,6 +174,10 @@ struct BlockManager::Rep {
         page_tokens(o.enable_prefix_caching ? static_cast<size_t>(o.num_pages * o.page_size) : 0),
         index(o.enable_prefix_caching ? static_cast<int32_t>(o.num_pages) : 0) {
     copies.reserve(static_cast<size_t>(std::min<int64_t>(o.num_pages, 1024)));
+    // Drained once per step by a router, so steady state grows it no further.
+    if (o.record_events && o.enable_prefix_caching) {
+      events.reserve(static_cast<size_t>(std::min<int64_t>(2 * o.num_pages, 4096)));
+    }
   }
 
   [[nodiscard]] bool caching() const { return options.enable_prefix_caching; }
@@ -196,17 +222,20 @@ struct BlockManager::Rep {
     return i_span == m.spans.size();
   }
 
-  // Longest verified run of cached full pages of `prompt`, at most max_pages. With `out`, the
-  // pages, keys and uids are appended to it.
-  int64_t walk(std::span<const int32_t> prompt, const KeyExtras& extras, const PageKey& root,
-               int64_t max_pages, Sequence* out) const {
+  // Longest verified run of cached full pages of `prompt`, at most max_pages. Uses `keys` when
+  // given (checked: prompt.size() / page_size of them, so non-empty whenever max_pages > 0), else
+  // computes them from `root`. With `out`, the pages, keys and uids are appended to it.
+  int64_t walk(std::span<const int32_t> prompt, std::span<const PageKey> keys,
+               const KeyExtras& extras, const PageKey& root, int64_t max_pages,
+               Sequence* out) const {
     PageKey parent = root;
     uint64_t parent_uid = 0;
     int64_t i = 0;
     for (; i < max_pages; ++i) {
       const auto tokens =
           prompt.subspan(static_cast<size_t>(i * page_size), static_cast<size_t>(page_size));
-      const PageKey key = page_key(hash, parent, tokens, i * page_size, extras);
+      const PageKey key = keys.empty() ? page_key(hash, parent, tokens, i * page_size, extras)
+                                       : keys[static_cast<size_t>(i)];
       const PageId page = index.find(key, meta);
       if (page == kNoPage || !verify(page, tokens, i * page_size, extras, parent_uid)) break;
       if (out != nullptr) {
@@ -224,8 +253,14 @@ struct BlockManager::Rep {
     return num_prompt_tokens == 0 ? 0 : (num_prompt_tokens - 1) / page_size;
   }
 
+  void record(PageEventKind kind, const PageMeta& m) {
+    if (!options.record_events) return;
+    events.push_back({kind, m.key, m.parent, page_size, options.fingerprint.layer_group});
+  }
+
   // Drops a cached page's key (the page is being reused or replaced).
   void uncache(PageId page) {
+    record(PageEventKind::evicted, meta[page]);
     index.erase(page, meta);
     meta[page].uid = 0;
     ++stats.evictions;
@@ -247,7 +282,8 @@ struct BlockManager::Rep {
     const int64_t first_pos = j * page_size;
     const auto tokens = std::span<const int32_t>(s.tokens).subspan(static_cast<size_t>(first_pos),
                                                                    static_cast<size_t>(page_size));
-    const PageKey& parent = j == 0 ? s.root : s.keys[static_cast<size_t>(j - 1)];
+    // A copy: the push_back below may move s.keys.
+    const PageKey parent = j == 0 ? s.root : s.keys[static_cast<size_t>(j - 1)];
     const uint64_t parent_uid = j == 0 ? 0 : s.uids[static_cast<size_t>(j - 1)];
     s.keys.push_back(page_key(hash, parent, tokens, first_pos, extras));
     const PageKey& key = s.keys.back();
@@ -271,6 +307,7 @@ struct BlockManager::Rep {
     }
     PageMeta& m = meta[page];
     m.key = key;
+    m.parent = parent;
     m.uid = next_uid++;
     m.parent_uid = parent_uid;
     if (j == 0) {
@@ -288,6 +325,7 @@ struct BlockManager::Rep {
     pool.set_cached(page, true);
     index.insert(page, meta);
     s.uids.push_back(m.uid);
+    record(PageEventKind::cached, m);
   }
 
   // Last page first, so a sequence's tail pages reach the LRU first and are evicted first.
@@ -296,6 +334,66 @@ struct BlockManager::Rep {
       pool.unref(s.pages.back());
       s.pages.pop_back();
     }
+  }
+
+  // Both add() overloads: keys_given tells them apart.
+  Result<int64_t> add(SeqId seq, std::span<const int32_t> prompt, std::span<const PageKey> keys,
+                      bool keys_given, const KeyExtras& extras) {
+    constexpr std::string_view kOp = "BlockManager.add";
+    Rep& r = *this;
+    if (r.find(seq) != nullptr) {
+      return Status::invalid_argument(std::string(kOp) + ": " + seq_str(seq) +
+                                      " exists, expected a new id");
+    }
+    if (Status st = check_extras(kOp, extras); !st.ok()) return st;
+    if (keys_given) {
+      if (Status st = check_keys(kOp, prompt, keys, r.page_size); !st.ok()) return st;
+    }
+
+    Sequence s;
+    const size_t hint = static_cast<size_t>(r.options.max_pages_per_seq_hint);
+    s.pages.reserve(hint);
+    s.tokens.reserve(std::max(hint * static_cast<size_t>(r.page_size), prompt.size()));
+    s.salt = extras.salt;
+    s.adapter = extras.adapter;
+    for (const MultimodalSpan& sp : extras.multimodal) {
+      s.spans.push_back({std::string(sp.content_hash), sp.begin, sp.end});
+    }
+    int64_t hit_pages = 0;
+    if (r.caching()) {
+      s.keys.reserve(hint);
+      s.uids.reserve(hint);
+      s.root = root_key(r.hash, r.options.fingerprint, extras.salt);
+      hit_pages = r.walk(prompt, keys, extras, s.root,
+                         r.max_hit_pages(static_cast<int64_t>(prompt.size())), &s);
+      ++r.stats.prefix_queries;
+      r.stats.prefix_tokens_queried += static_cast<int64_t>(prompt.size());
+      if (hit_pages > 0) ++r.stats.prefix_hits;
+      r.stats.prefix_tokens_hit += hit_pages * r.page_size;
+    }
+    const int64_t hit_tokens = hit_pages * r.page_size;
+    for (PageId page : s.pages) r.pool.ref(page);
+    s.tokens.assign(prompt.begin(), prompt.begin() + hit_tokens);
+    r.seqs.emplace(seq, std::move(s));
+    return hit_tokens;
+  }
+
+  // Both match_prefix() overloads.
+  [[nodiscard]] Result<int64_t> match_prefix(std::span<const int32_t> prompt,
+                                             std::span<const PageKey> keys, bool keys_given,
+                                             const KeyExtras& extras) const {
+    constexpr std::string_view kOp = "BlockManager.match_prefix";
+    const Rep& r = *this;
+    if (Status st = check_extras(kOp, extras); !st.ok()) return st;
+    if (keys_given) {
+      if (Status st = check_keys(kOp, prompt, keys, r.page_size); !st.ok()) return st;
+    }
+    if (!r.caching()) return int64_t{0};
+    const int64_t max_pages = r.max_hit_pages(static_cast<int64_t>(prompt.size()));
+    // With keys given the root is not needed (and not hashed).
+    const PageKey root =
+        keys_given ? PageKey{} : root_key(r.hash, r.options.fingerprint, extras.salt);
+    return r.walk(prompt, keys, extras, root, max_pages, nullptr) * r.page_size;
   }
 
   BlockManagerOptions options;
@@ -308,6 +406,7 @@ struct BlockManager::Rep {
   std::unordered_map<SeqId, Sequence> seqs;
   std::vector<int64_t> slots;  // reserve()'s result
   std::vector<PageCopy> copies;
+  std::vector<PageEvent> events;
   std::vector<MultimodalSpan> span_scratch;
   BlockManagerStats stats;
   uint64_t next_uid = 1;
@@ -346,40 +445,12 @@ BlockManager::~BlockManager() = default;
 
 Result<int64_t> BlockManager::add(SeqId seq, std::span<const int32_t> prompt,
                                   const KeyExtras& extras) {
-  constexpr std::string_view kOp = "BlockManager.add";
-  Rep& r = *rep_;
-  if (r.find(seq) != nullptr) {
-    return Status::invalid_argument(std::string(kOp) + ": " + seq_str(seq) +
-                                    " exists, expected a new id");
-  }
-  if (Status st = check_extras(kOp, extras); !st.ok()) return st;
+  return rep_->add(seq, prompt, {}, false, extras);
+}
 
-  Sequence s;
-  const size_t hint = static_cast<size_t>(r.options.max_pages_per_seq_hint);
-  s.pages.reserve(hint);
-  s.tokens.reserve(std::max(hint * static_cast<size_t>(r.page_size), prompt.size()));
-  s.salt = extras.salt;
-  s.adapter = extras.adapter;
-  for (const MultimodalSpan& sp : extras.multimodal) {
-    s.spans.push_back({std::string(sp.content_hash), sp.begin, sp.end});
-  }
-  int64_t hit_pages = 0;
-  if (r.caching()) {
-    s.keys.reserve(hint);
-    s.uids.reserve(hint);
-    s.root = root_key(r.hash, r.options.fingerprint, extras.salt);
-    hit_pages =
-        r.walk(prompt, extras, s.root, r.max_hit_pages(static_cast<int64_t>(prompt.size())), &s);
-    ++r.stats.prefix_queries;
-    r.stats.prefix_tokens_queried += static_cast<int64_t>(prompt.size());
-    if (hit_pages > 0) ++r.stats.prefix_hits;
-    r.stats.prefix_tokens_hit += hit_pages * r.page_size;
-  }
-  const int64_t hit_tokens = hit_pages * r.page_size;
-  for (PageId page : s.pages) r.pool.ref(page);
-  s.tokens.assign(prompt.begin(), prompt.begin() + hit_tokens);
-  r.seqs.emplace(seq, std::move(s));
-  return hit_tokens;
+Result<int64_t> BlockManager::add(SeqId seq, std::span<const int32_t> prompt,
+                                  std::span<const PageKey> keys, const KeyExtras& extras) {
+  return rep_->add(seq, prompt, keys, true, extras);
 }
 
 Result<std::span<const int64_t>> BlockManager::reserve(SeqId seq, int64_t n) {
@@ -525,13 +596,56 @@ int64_t BlockManager::num_sequences() const { return static_cast<int64_t>(rep_->
 
 Result<int64_t> BlockManager::match_prefix(std::span<const int32_t> prompt,
                                            const KeyExtras& extras) const {
+  return rep_->match_prefix(prompt, {}, false, extras);
+}
+
+Result<int64_t> BlockManager::match_prefix(std::span<const int32_t> prompt,
+                                           std::span<const PageKey> keys,
+                                           const KeyExtras& extras) const {
+  return rep_->match_prefix(prompt, keys, true, extras);
+}
+
+bool BlockManager::is_cached(const PageKey& key) const {
   const Rep& r = *rep_;
-  if (Status st = check_extras("BlockManager.match_prefix", extras); !st.ok()) return st;
-  if (!r.caching()) return int64_t{0};
-  const PageKey root = root_key(r.hash, r.options.fingerprint, extras.salt);
-  return r.walk(prompt, extras, root, r.max_hit_pages(static_cast<int64_t>(prompt.size())),
-                nullptr) *
-         r.page_size;
+  return r.caching() && r.index.find(key, r.meta) != kNoPage;
+}
+
+Result<std::vector<SeqId>> BlockManager::plan_preemption(
+    int64_t num_pages_needed, std::span<const SeqId> victims_in_order) const {
+  constexpr std::string_view kOp = "BlockManager.plan_preemption";
+  const Rep& r = *rep_;
+  if (num_pages_needed < 0) {
+    return Status::invalid_argument(std::string(kOp) + ": num_pages_needed is " +
+                                    std::to_string(num_pages_needed) + ", expected >= 0");
+  }
+  std::unordered_map<SeqId, size_t> position;
+  position.reserve(victims_in_order.size());
+  for (size_t i = 0; i < victims_in_order.size(); ++i) {
+    const SeqId v = victims_in_order[i];
+    if (r.find(v) == nullptr) return unknown_seq(kOp, v);
+    const auto [it, inserted] = position.emplace(v, i);
+    if (!inserted) {
+      return Status::invalid_argument(std::string(kOp) + ": victim " + std::to_string(i) + " (" +
+                                      seq_str(v) + ") repeats victim " +
+                                      std::to_string(it->second) + ", expected distinct sequences");
+    }
+  }
+  int64_t available = r.pool.num_available();
+  std::vector<SeqId> plan;
+  if (available >= num_pages_needed) return plan;
+  // References the planned victims hold per page: a page is released when they are all of them.
+  std::unordered_map<PageId, int32_t> dropped;
+  for (const SeqId v : victims_in_order) {
+    plan.push_back(v);
+    for (const PageId page : r.find(v)->pages) {
+      if (++dropped[page] == r.pool.refcount(page)) ++available;
+    }
+    if (available >= num_pages_needed) return plan;
+  }
+  return Status::resource_exhausted(
+      std::string(kOp) + ": freeing all " + std::to_string(victims_in_order.size()) +
+      " victims leaves " + std::to_string(available) +
+      " pages available, expected >= " + std::to_string(num_pages_needed) + " (num_pages_needed)");
 }
 
 bool BlockManager::can_admit(int64_t num_new_tokens) const {
@@ -550,6 +664,8 @@ int64_t BlockManager::num_used_pages() const { return rep_->pool.num_used(); }
 const BlockManagerStats& BlockManager::stats() const { return rep_->stats; }
 std::span<const PageCopy> BlockManager::pending_copies() const { return rep_->copies; }
 void BlockManager::clear_pending_copies() { rep_->copies.clear(); }
+std::span<const PageEvent> BlockManager::events() const { return rep_->events; }
+void BlockManager::clear_events() { rep_->events.clear(); }
 
 Status BlockManager::check_invariants() const {
   const Rep& r = *rep_;

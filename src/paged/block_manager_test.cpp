@@ -2,6 +2,7 @@
 #include "kvcache/block_manager.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -79,6 +80,7 @@ struct Observed {
   int64_t num_used = 0;
   BlockManagerStats stats;
   std::vector<PageCopy> copies;
+  std::vector<PageEvent> events;
   bool operator==(const Observed&) const = default;
 };
 
@@ -97,6 +99,7 @@ Observed observe(const BlockManager& m, const std::vector<SeqId>& ids) {
   o.num_used = m.num_used_pages();
   o.stats = m.stats();
   o.copies.assign(m.pending_copies().begin(), m.pending_copies().end());
+  o.events.assign(m.events().begin(), m.events().end());
   return o;
 }
 
@@ -180,13 +183,19 @@ TEST(BlockManager, ReserveReplacesTheEarlierReservation) {
 }
 
 TEST(BlockManager, RefusalsAreClearAndChangeNothing) {
-  auto m = make(options(4));
+  BlockManagerOptions o = options(4);
+  o.record_events = true;
+  auto m = make(o);
   prefill(*m, 1, tokens(6));
   ASSERT_OK(m->reserve(1, 3));
   const std::vector<SeqId> ids = {1, 2, 9};
   const MultimodalSpan empty_span[] = {{"img", 3, 3}};
   const MultimodalSpan unsorted[] = {{"a", 4, 6}, {"b", 1, 2}};
   const Tokens five = tokens(5);
+  const std::vector<PageKey> two_keys(2);  // five tokens have one full page
+  const SeqId victims_unknown[] = {1, 9};
+  const SeqId victims_repeated[] = {1, 1};
+  const SeqId victims_all[] = {1};
 
   struct Case {
     const char* name;
@@ -240,6 +249,25 @@ TEST(BlockManager, RefusalsAreClearAndChangeNothing) {
          return m->match_prefix(five, {"", "", unsorted}).status();
        },
        Code::invalid_argument, "BlockManager.match_prefix: multimodal span 1"},
+      {"add wrong key count", [&] { return m->add(2, five, two_keys, {}).status(); },
+       Code::invalid_argument,
+       "BlockManager.add: keys has 2 entries, expected prompt.size() / page_size = 5 / 4 = 1"},
+      {"match_prefix wrong key count",
+       [&] { return m->match_prefix(five, std::span<const PageKey>(), {}).status(); },
+       Code::invalid_argument, "BlockManager.match_prefix: keys has 0 entries, expected"},
+      {"plan negative need", [&] { return m->plan_preemption(-1, victims_all).status(); },
+       Code::invalid_argument,
+       "BlockManager.plan_preemption: num_pages_needed is -1, expected >= 0"},
+      {"plan unknown victim", [&] { return m->plan_preemption(1, victims_unknown).status(); },
+       Code::not_found,
+       "BlockManager.plan_preemption: unknown sequence 9, expected an added sequence"},
+      {"plan repeated victim", [&] { return m->plan_preemption(1, victims_repeated).status(); },
+       Code::invalid_argument,
+       "victim 1 (sequence 1) repeats victim 0, expected distinct sequences"},
+      {"plan not enough", [&] { return m->plan_preemption(5, victims_all).status(); },
+       Code::resource_exhausted,
+       "BlockManager.plan_preemption: freeing all 1 victims leaves 4 pages available, expected "
+       ">= 5 (num_pages_needed)"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
@@ -613,6 +641,294 @@ TEST(BlockManager, XxhKeysWorkToo) {
   prefill(*m, 1, tokens(9));
   EXPECT_EQ(value_or_fail(m->add(2, tokens(9))), 8);
   EXPECT_OK(m->check_invariants());
+}
+
+// --- events ---
+
+using KeyBytes = std::array<uint8_t, 32>;
+
+// Replays events onto `cached` (key -> parent), failing on an event that contradicts it.
+void replay(std::span<const PageEvent> events, std::map<KeyBytes, KeyBytes>* cached) {
+  for (const PageEvent& e : events) {
+    if (e.kind == PageEventKind::cached) {
+      EXPECT_TRUE(cached->emplace(e.key.bytes, e.parent.bytes).second) << "cached twice";
+    } else {
+      const auto it = cached->find(e.key.bytes);
+      ASSERT_NE(it, cached->end()) << "evicted, never cached";
+      EXPECT_EQ(it->second, e.parent.bytes);
+      cached->erase(it);
+    }
+  }
+}
+
+void expect_replay_matches(const BlockManager& m, const std::map<KeyBytes, KeyBytes>& cached) {
+  EXPECT_EQ(static_cast<int64_t>(cached.size()), m.num_cached_pages());
+  for (const auto& [key, parent] : cached) {
+    PageKey k;
+    k.bytes = key;
+    EXPECT_TRUE(m.is_cached(k)) << k.hex();
+  }
+}
+
+TEST(BlockManager, EventsReportPagesCachedAndEvicted) {
+  BlockManagerOptions o = options(4);
+  o.fingerprint.layer_group = 3;
+  o.record_events = true;
+  auto m = make(o);
+  EXPECT_STREQ(name(PageEventKind::cached), "cached");
+  EXPECT_STREQ(name(PageEventKind::evicted), "evicted");
+  const KeyHashFn hash = key_hash_fn(HashKind::sha256);
+  const KeyExtras salted{"tenant", "", {}};
+  const Tokens prompt = tokens(9);
+  std::vector<PageKey> keys;
+  ASSERT_OK(page_keys(hash, o.fingerprint, prompt, salted, &keys));
+  ASSERT_EQ(keys.size(), 2u);
+  const PageKey root = root_key(hash, o.fingerprint, salted.salt);
+
+  prefill(*m, 1, prompt, salted);
+  ASSERT_EQ(m->events().size(), 2u);
+  EXPECT_EQ(m->events()[0], (PageEvent{PageEventKind::cached, keys[0], root, 4, 3}));
+  EXPECT_EQ(m->events()[1], (PageEvent{PageEventKind::cached, keys[1], keys[0], 4, 3}));
+  EXPECT_TRUE(m->is_cached(keys[0]));
+  EXPECT_TRUE(m->is_cached(keys[1]));
+  EXPECT_FALSE(m->is_cached(root));
+  std::map<KeyBytes, KeyBytes> cached;
+  replay(m->events(), &cached);
+  m->clear_events();
+  EXPECT_EQ(m->events().size(), 0u);
+
+  // A hit, a free and a partial page emit nothing: no key enters or leaves the index.
+  EXPECT_EQ(value_or_fail(m->add(2, prompt, salted)), 8);
+  ASSERT_OK(m->free(2));
+  ASSERT_OK(m->free(1));
+  EXPECT_EQ(m->events().size(), 0u);
+
+  // Two free pages, two evictable: the third and fourth new pages evict, the tail page first.
+  ASSERT_OK(m->add(3, tokens(16, 900)));
+  ASSERT_OK(m->reserve(3, 16));
+  ASSERT_EQ(m->events().size(), 2u);
+  EXPECT_EQ(m->events()[0], (PageEvent{PageEventKind::evicted, keys[1], keys[0], 4, 3}));
+  EXPECT_EQ(m->events()[1], (PageEvent{PageEventKind::evicted, keys[0], root, 4, 3}));
+  EXPECT_FALSE(m->is_cached(keys[0]));
+  EXPECT_EQ(m->stats().evictions, 2);
+  replay(m->events(), &cached);
+  m->clear_events();
+  EXPECT_TRUE(cached.empty());
+
+  ASSERT_OK(m->commit(3, tokens(16, 900)));
+  EXPECT_EQ(m->events().size(), 4u);
+  replay(m->events(), &cached);
+  expect_replay_matches(*m, cached);
+  EXPECT_OK(m->check_invariants());
+}
+
+TEST(BlockManager, EventsAreOffByDefault) {
+  auto m = make(options(4));
+  prefill(*m, 1, tokens(9));
+  EXPECT_EQ(m->num_cached_pages(), 2);
+  EXPECT_EQ(m->events().size(), 0u);
+}
+
+// With colliding keys a replaced page is evicted and its key cached again for the new contents;
+// replaying the stream still gives exactly the cached keys.
+TEST(BlockManager, EventsStayConsistentThroughCollisions) {
+  BlockManagerOptions o = options(8);
+  o.hash_override = [](std::span<const uint8_t>) { return PageKey{}; };
+  o.record_events = true;
+  auto m = make(o);
+  std::map<KeyBytes, KeyBytes> cached;
+  prefill(*m, 1, tokens(5, 100));
+  prefill(*m, 2, tokens(5, 200));  // collides with 1's page, which is in use: stays private
+  replay(m->events(), &cached);
+  expect_replay_matches(*m, cached);
+  EXPECT_EQ(m->events().size(), 1u);
+  m->clear_events();
+  ASSERT_OK(m->free(1));
+  ASSERT_OK(m->free(2));
+  prefill(*m, 3, tokens(5, 300));  // replaces 1's unused page
+  ASSERT_EQ(m->events().size(), 2u);
+  EXPECT_EQ(m->events()[0].kind, PageEventKind::evicted);
+  EXPECT_EQ(m->events()[1].kind, PageEventKind::cached);
+  replay(m->events(), &cached);
+  expect_replay_matches(*m, cached);
+  EXPECT_EQ(m->stats().evictions, 1);
+}
+
+// --- keys given by the caller ---
+
+TEST(BlockManager, GivenKeysHitExactlyLikeComputedOnes) {
+  auto m = make(options(32));
+  const MultimodalSpan image[] = {{"img", 5, 7}};
+  const KeyExtras extras[] = {{}, {"tenant", "lora", image}};
+  const KeyHashFn hash = key_hash_fn(HashKind::sha256);
+  const KeyFingerprint fp = options(32).fingerprint;
+  prefill(*m, 1, tokens(13), extras[1]);
+  prefill(*m, 2, tokens(10));
+  const Tokens prompts[] = {tokens(13), tokens(12), tokens(9),
+                            tokens(3),  Tokens{},   concat(tokens(4), tokens(9, 7)),
+                            tokens(17)};
+  SeqId next = 10;
+  for (const KeyExtras& e : extras) {
+    for (const Tokens& p : prompts) {
+      SCOPED_TRACE(::testing::Message() << p.size() << " tokens, salt " << e.salt);
+      std::vector<PageKey> keys;
+      ASSERT_OK(page_keys(hash, fp, p, e, &keys));
+      const int64_t want = value_or_fail(m->match_prefix(p, e));
+      EXPECT_EQ(value_or_fail(m->match_prefix(p, keys, e)), want);
+      // add() with keys takes the same pages as add() without.
+      const SeqId a = next++;
+      const SeqId b = next++;
+      EXPECT_EQ(value_or_fail(m->add(a, p, keys, e)), want);
+      EXPECT_EQ(value_or_fail(m->add(b, p, e)), want);
+      EXPECT_EQ(table(*m, a), table(*m, b));
+      ASSERT_OK(m->free(a));
+      ASSERT_OK(m->free(b));
+      EXPECT_OK(m->check_invariants());
+    }
+  }
+  const BlockManagerStats& st = m->stats();
+  EXPECT_EQ(st.prefix_queries, 2 + 2 * 2 * 7);
+}
+
+TEST(BlockManager, WrongKeysOnlyCauseMisses) {
+  auto m = make(options(32));
+  const KeyHashFn hash = key_hash_fn(HashKind::sha256);
+  const KeyFingerprint fp = options(32).fingerprint;
+  const Tokens prompt = tokens(13);
+  prefill(*m, 1, prompt, {"a", "", {}});
+  prefill(*m, 2, tokens(13, 500), {"a", "", {}});
+  std::vector<PageKey> right;
+  ASSERT_OK(page_keys(hash, fp, prompt, {"a", "", {}}, &right));
+  std::vector<PageKey> other_salt;
+  ASSERT_OK(page_keys(hash, fp, prompt, {"b", "", {}}, &other_salt));
+  std::vector<PageKey> other_tokens;  // keys of cached pages holding other tokens
+  ASSERT_OK(page_keys(hash, fp, tokens(13, 500), {"a", "", {}}, &other_tokens));
+  std::vector<PageKey> second_wrong = right;
+  second_wrong[1] = other_tokens[1];
+
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt, right, {"a", "", {}})), 12);
+  // Keys of the right tokens under another salt: not in the index.
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt, other_salt, {"a", "", {}})), 0);
+  // The right keys with the wrong salt: found, refused by verification.
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt, right, {"b", "", {}})), 0);
+  // Keys of cached pages with other tokens: found, refused.
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt, other_tokens, {"a", "", {}})), 0);
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt, second_wrong, {"a", "", {}})), 4);
+  const Pages mine = table(*m, 1);
+  const Pages others = table(*m, 2);
+  EXPECT_EQ(value_or_fail(m->add(3, prompt, other_tokens, {"a", "", {}})), 0);
+  EXPECT_EQ(value_or_fail(m->add(4, prompt, second_wrong, {"a", "", {}})), 4);
+  EXPECT_EQ(table(*m, 4), (Pages{mine[0]}));
+  for (PageId p : others) EXPECT_NE(p, mine[0]);
+  EXPECT_OK(m->check_invariants());
+  // The sequence added with partly wrong keys keys its own pages correctly.
+  ASSERT_OK(m->reserve(4, 9));
+  ASSERT_OK(m->commit(4, std::span<const int32_t>(prompt).subspan(4)));
+  EXPECT_NE(table(*m, 4)[1], mine[1]);  // computed itself: a duplicate of 1's cached page
+  EXPECT_EQ(m->stats().duplicate_pages, 2);
+  EXPECT_OK(m->check_invariants());
+}
+
+TEST(BlockManager, GivenKeysWithPrefixCachingOff) {
+  BlockManagerOptions o = options(8);
+  o.enable_prefix_caching = false;
+  auto m = make(o);
+  const std::vector<PageKey> keys(2);
+  EXPECT_EQ(value_or_fail(m->match_prefix(tokens(9), keys, {})), 0);
+  EXPECT_EQ(value_or_fail(m->add(1, tokens(9), keys, {})), 0);
+  EXPECT_TRUE(has_error(m->add(2, tokens(9), std::span<const PageKey>(keys).first(1), {}),
+                        Code::invalid_argument, "keys has 1 entries"));
+  EXPECT_FALSE(m->is_cached(PageKey{}));
+}
+
+// --- stats ---
+
+TEST(BlockManager, HitRatesCountQueriesAndTokens) {
+  auto m = make(options(16));
+  EXPECT_EQ(m->stats().prefix_hit_rate(), 0.0);
+  EXPECT_EQ(m->stats().prefix_query_hit_rate(), 0.0);
+  prefill(*m, 1, tokens(9));                              // 9 tokens queried, 0 hit
+  ASSERT_OK(m->add(2, tokens(9)));                        // 9 queried, 8 hit
+  ASSERT_OK(m->add(3, concat(tokens(4), tokens(2, 7))));  // 6 queried, 4 hit
+  const BlockManagerStats& st = m->stats();
+  EXPECT_EQ(st.prefix_queries, 3);
+  EXPECT_EQ(st.prefix_hits, 2);
+  EXPECT_DOUBLE_EQ(st.prefix_hit_rate(), 12.0 / 24.0);
+  EXPECT_DOUBLE_EQ(st.prefix_query_hit_rate(), 2.0 / 3.0);
+}
+
+// --- preemption ---
+
+// Pages shared by fork and by prefix hits, cached and private pages, a reservation and evictable
+// pages: built the same way each time it is called.
+std::unique_ptr<BlockManager> preemption_scenario() {
+  auto m = make(options(16));
+  prefill(*m, 1, tokens(10));                                      // 2 cached pages + a partial one
+  EXPECT_EQ(prefill(*m, 2, concat(tokens(8), tokens(3, 50))), 8);  // shares 1's full pages
+  EXPECT_OK(m->fork(1, 3));                                        // shares all 3 of 1's pages
+  prefill(*m, 4, tokens(6, 500));
+  EXPECT_OK(m->reserve(4, 3));  // a page holding only reserved slots
+  prefill(*m, 5, tokens(3, 900));
+  prefill(*m, 6, tokens(8, 700));
+  EXPECT_OK(m->free(6));  // 2 evictable pages
+  EXPECT_OK(m->check_invariants());
+  return m;
+}
+
+TEST(BlockManager, PlanPreemptionMatchesActuallyFreeing) {
+  const std::vector<std::vector<SeqId>> orders = {
+      {1, 2, 3, 4, 5}, {5, 4, 3, 2, 1}, {3, 1}, {1, 3}, {2, 3, 1}, {4}, {}, {3, 5, 2, 1, 4}};
+  int64_t num_empty = 0;
+  int64_t num_exhausted = 0;
+  int64_t num_partial = 0;
+  for (const std::vector<SeqId>& order : orders) {
+    SCOPED_TRACE(::testing::Message()
+                 << "order of " << order.size() << " starting " << (order.empty() ? -1 : order[0]));
+    // Pages available after freeing the first k victims, on a copy of the scenario.
+    std::vector<int64_t> available;
+    {
+      auto copy = preemption_scenario();
+      available.push_back(copy->num_free_pages() + copy->num_evictable_pages());
+      for (SeqId v : order) {
+        ASSERT_OK(copy->free(v));
+        available.push_back(copy->num_free_pages() + copy->num_evictable_pages());
+      }
+    }
+    auto m = preemption_scenario();
+    const Observed before = observe(*m, {1, 2, 3, 4, 5});
+    for (int64_t need = 0; need <= 17; ++need) {
+      SCOPED_TRACE("need " + std::to_string(need));
+      const auto plan = m->plan_preemption(need, order);
+      const auto enough =
+          std::find_if(available.begin(), available.end(), [&](int64_t a) { return a >= need; });
+      if (enough == available.end()) {
+        EXPECT_TRUE(has_error(plan, Code::resource_exhausted,
+                              "leaves " + std::to_string(available.back()) + " pages available"));
+        ++num_exhausted;
+        continue;
+      }
+      const size_t k = static_cast<size_t>(enough - available.begin());
+      EXPECT_EQ(value_or_fail(plan), std::vector<SeqId>(order.begin(), order.begin() + k));
+      ++(k == 0 ? num_empty : num_partial);
+    }
+    EXPECT_EQ(observe(*m, {1, 2, 3, 4, 5}), before);
+    EXPECT_OK(m->check_invariants());
+  }
+  EXPECT_GT(num_empty, 0);
+  EXPECT_GT(num_exhausted, 0);
+  EXPECT_GT(num_partial, 0);
+  // Freeing 3 alone releases nothing (1 holds all its pages); 1 then 3 release 1's partial page
+  // and make both full pages evictable (2 still holds them: no).
+  auto m = preemption_scenario();
+  const int64_t base = m->num_free_pages() + m->num_evictable_pages();
+  const SeqId only3[] = {3};
+  EXPECT_TRUE(has_error(m->plan_preemption(base + 1, only3), Code::resource_exhausted,
+                        "leaves " + std::to_string(base) + " pages"));
+  const SeqId three_then_one[] = {3, 1};
+  EXPECT_EQ(value_or_fail(m->plan_preemption(base + 1, three_then_one)),
+            (std::vector<SeqId>{3, 1}));
+  EXPECT_TRUE(has_error(m->plan_preemption(base + 2, three_then_one), Code::resource_exhausted,
+                        "leaves " + std::to_string(base + 1) + " pages"));
 }
 
 }  // namespace

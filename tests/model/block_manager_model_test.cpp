@@ -2,11 +2,13 @@
 // BlockManager against a naive model: a map of sequence -> token ids, the set of token runs
 // committed as full pages, and a simulated pool where each page holds token ids. Random
 // operations (add with shared system prompts and salts, reserve/commit, truncate, fork, free,
-// match_prefix) on small pools; after every step the manager's invariants hold, every sequence's
-// pages hold exactly its tokens (so copy-on-write and prefix hits never hand out wrong data), and
-// every prefix hit is a run that was committed under the same key extras.
+// match_prefix, with the keys given or not, preemption plans) on small pools; after every step the
+// manager's invariants hold, every sequence's pages hold exactly its tokens (so copy-on-write and
+// prefix hits never hand out wrong data), every prefix hit is a run that was committed under the
+// same key extras, and replaying the page events gives exactly the keys the manager has cached.
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -59,8 +61,9 @@ class Model {
     o.num_pages = config.num_pages;
     o.page_size = config.page_size;
     o.enable_prefix_caching = config.caching;
-    o.fingerprint = KeyFingerprint{"model", "f16", config.page_size, 0};
+    o.fingerprint = KeyFingerprint{"model", "f16", config.page_size, kLayerGroup};
     o.hash_kind = (seed % 2 == 0) ? HashKind::sha256 : HashKind::xxh3_128;
+    o.record_events = true;
     if (config.weak_hash) {
       o.hash_override = [](std::span<const uint8_t> msg) {
         uint64_t sum = 0;
@@ -70,6 +73,8 @@ class Model {
         return k;
       };
     }
+    fingerprint_ = o.fingerprint;
+    hash_ = o.hash_override ? o.hash_override : key_hash_fn(o.hash_kind);
     manager_ = value_or_fail(BlockManager::create(o));
     pages_.assign(static_cast<size_t>(config.num_pages),
                   Tokens(static_cast<size_t>(config.page_size), -1));
@@ -86,14 +91,18 @@ class Model {
       truncate(pick());
     } else if (r < 76) {
       if (seqs_.size() < 12) fork(pick());
-    } else if (r < 86) {
+    } else if (r < 84) {
       free(pick());
-    } else if (r < 94) {
+    } else if (r < 92) {
       match();
+    } else if (r < 95) {
+      preempt(uniform(0, config_.num_pages));
     } else {
       refuse(pick());
     }
+    if (::testing::Test::HasFatalFailure()) return;
     check();
+    if (uniform(0, 3) != 0) drain_events();  // now and then they pile up over several steps
   }
 
  private:
@@ -104,7 +113,15 @@ class Model {
     std::vector<int64_t> slots;  // reserved, not committed
   };
 
+  static constexpr int64_t kLayerGroup = 2;
+  using KeyBytes = std::array<uint8_t, 32>;
+
   int64_t ps() const { return config_.page_size; }
+  std::vector<PageKey> keys_of(const Tokens& tokens, int e) const {
+    std::vector<PageKey> keys;
+    EXPECT_OK(page_keys(hash_, fingerprint_, tokens, kExtras[e], &keys));
+    return keys;
+  }
   int64_t uniform(int64_t lo, int64_t hi) { return uniform_int(rng_, lo, hi); }
   Tokens random_tokens(int64_t n) {
     Tokens t;
@@ -154,7 +171,11 @@ class Model {
     const int e = static_cast<int>(uniform(0, kNumExtras - 1));
     const Tokens prompt = random_prompt();
     const int64_t matched = value_or_fail(manager_->match_prefix(prompt, kExtras[e]));
-    const int64_t hit = value_or_fail(manager_->add(id, prompt, kExtras[e]));
+    // The scheduler may hand over the keys a router computed.
+    const int64_t hit =
+        uniform(0, 1) == 0
+            ? value_or_fail(manager_->add(id, prompt, kExtras[e]))
+            : value_or_fail(manager_->add(id, prompt, keys_of(prompt, e), kExtras[e]));
     ASSERT_EQ(hit, matched);
     check_hit(prompt, e, hit, true);
     Seq& s = seqs_[id];
@@ -178,7 +199,9 @@ class Model {
       ASSERT_TRUE(has_error(r, Code::resource_exhausted, "BlockManager.reserve"));
       ASSERT_EQ(observe(id), before);
       ++num_exhausted_;
-      free(pick());  // the scheduler preempts someone
+      // The scheduler preempts others for what this sequence's pages would take.
+      preempt(std::min(config_.num_pages, manager_->num_free_pages() +
+                                              manager_->num_evictable_pages() + uniform(1, 2)));
       return;
     }
     s.slots.assign(r->begin(), r->end());
@@ -217,8 +240,16 @@ class Model {
     s.slots.erase(s.slots.begin(), s.slots.begin() + static_cast<ptrdiff_t>(t.size()));
     s.tokens.insert(s.tokens.end(), t.begin(), t.end());
     const int64_t len = static_cast<int64_t>(s.tokens.size());
+    if (len / ps() == old / ps()) return;
     for (int64_t b = (old / ps() + 1) * ps(); b <= len; b += ps()) {
       committed_.insert({s.extras, Tokens(s.tokens.begin(), s.tokens.begin() + b)});
+    }
+    // The (key, parent) of every full page, for the cached events this commit may produce.
+    const std::vector<PageKey> keys = keys_of(s.tokens, s.extras);
+    for (size_t j = static_cast<size_t>(old / ps()); j < keys.size(); ++j) {
+      const PageKey parent =
+          j == 0 ? root_key(hash_, fingerprint_, kExtras[s.extras].salt) : keys[j - 1];
+      committed_keys_.insert({keys[j].bytes, parent.bytes});
     }
   }
 
@@ -249,8 +280,75 @@ class Model {
     const Tokens prompt = random_prompt();
     const auto before = observe(-1);
     const int64_t hit = value_or_fail(manager_->match_prefix(prompt, kExtras[e]));
+    ASSERT_EQ(value_or_fail(manager_->match_prefix(prompt, keys_of(prompt, e), kExtras[e])), hit);
+    // Keys of another request (other extras or tokens): any hit is still verified.
+    const int e2 = static_cast<int>(uniform(0, kNumExtras - 1));
+    std::vector<PageKey> wrong = keys_of(random_prompt(), e2);
+    wrong.resize(prompt.size() / static_cast<size_t>(ps()));
+    const int64_t wrong_hit = value_or_fail(manager_->match_prefix(prompt, wrong, kExtras[e]));
     ASSERT_EQ(observe(-1), before);
     check_hit(prompt, e, hit, true);
+    check_hit(prompt, e, wrong_hit, false);
+  }
+
+  // Plans to free enough sequences (in a random priority order) for `need` pages, checks the
+  // plan is pure, then carries it out and checks it was the shortest that suffices.
+  void preempt(int64_t need) {
+    std::vector<SeqId> order;
+    for (const auto& [id, s] : seqs_) {
+      if (uniform(0, 3) != 0) order.push_back(id);
+    }
+    std::shuffle(order.begin(), order.end(), rng_);
+    const auto before = observe(-1);
+    const Result<std::vector<SeqId>> plan = manager_->plan_preemption(need, order);
+    ASSERT_EQ(observe(-1), before);
+    const auto available = [&] {
+      return manager_->num_free_pages() + manager_->num_evictable_pages();
+    };
+    if (!plan.ok()) {
+      ASSERT_TRUE(has_error(plan, Code::resource_exhausted, "BlockManager.plan_preemption"));
+      for (SeqId v : order) free(v);
+      ASSERT_LT(available(), need);
+      ++num_preempt_exhausted_;
+      return;
+    }
+    ASSERT_LE(plan->size(), order.size());
+    ASSERT_TRUE(std::equal(plan->begin(), plan->end(), order.begin()));
+    for (SeqId v : *plan) {
+      ASSERT_LT(available(), need) << "a shorter plan would do";
+      free(v);
+    }
+    ASSERT_GE(available(), need);
+    if (!plan->empty()) ++num_preemptions_;
+  }
+
+  // Replays the queued events onto the model's view of the index, then checks it against the
+  // manager: the same number of keys, each of them cached.
+  void drain_events() {
+    for (const PageEvent& e : manager_->events()) {
+      ASSERT_EQ(e.num_tokens, ps());
+      ASSERT_EQ(e.layer_group, kLayerGroup);
+      if (e.kind == PageEventKind::cached) {
+        ASSERT_TRUE(committed_keys_.count({e.key.bytes, e.parent.bytes}))
+            << "cached event for a page never committed: " << e.key.hex();
+        ASSERT_TRUE(cached_.emplace(e.key.bytes, e.parent.bytes).second)
+            << "cached twice: " << e.key.hex();
+      } else {
+        const auto it = cached_.find(e.key.bytes);
+        ASSERT_NE(it, cached_.end()) << "evicted but not cached: " << e.key.hex();
+        ASSERT_EQ(it->second, e.parent.bytes);
+        cached_.erase(it);
+        ++num_evicted_events_;
+      }
+    }
+    manager_->clear_events();
+    ASSERT_EQ(num_evicted_events_, manager_->stats().evictions);
+    ASSERT_EQ(static_cast<int64_t>(cached_.size()), manager_->num_cached_pages());
+    for (const auto& [key, parent] : cached_) {
+      PageKey k;
+      k.bytes = key;
+      ASSERT_TRUE(manager_->is_cached(k)) << k.hex();
+    }
   }
 
   // Refusals on a live sequence change nothing.
@@ -265,6 +363,14 @@ class Model {
     ASSERT_TRUE(has_error(manager_->fork(id, id), Code::invalid_argument, "exists"));
     ASSERT_TRUE(has_error(manager_->add(id, s.tokens), Code::invalid_argument, "exists"));
     ASSERT_TRUE(has_error(manager_->reserve(next_id_, 1), Code::not_found, "unknown sequence"));
+    const Tokens prompt = random_prompt();
+    const std::vector<PageKey> keys(prompt.size() / static_cast<size_t>(ps()) + 1);
+    ASSERT_TRUE(has_error(manager_->add(next_id_, prompt, keys, kExtras[0]), Code::invalid_argument,
+                          "keys has"));
+    const SeqId twice[] = {id, id};
+    ASSERT_TRUE(has_error(manager_->plan_preemption(1, twice), Code::invalid_argument, "repeats"));
+    const SeqId unknown[] = {id, next_id_};
+    ASSERT_TRUE(has_error(manager_->plan_preemption(1, unknown), Code::not_found, "unknown"));
     ASSERT_EQ(observe(id), before);
   }
 
@@ -277,6 +383,7 @@ class Model {
     int64_t num_cached = 0;
     int64_t num_used = 0;
     BlockManagerStats stats;
+    size_t num_events = 0;
     bool operator==(const Observed&) const = default;
   };
   Observed observe(SeqId id) const {
@@ -291,6 +398,7 @@ class Model {
     o.num_cached = manager_->num_cached_pages();
     o.num_used = manager_->num_used_pages();
     o.stats = manager_->stats();
+    o.num_events = manager_->events().size();
     return o;
   }
 
@@ -320,6 +428,9 @@ class Model {
   int64_t num_exhausted_ = 0;
   int64_t num_copies_ = 0;
   int64_t num_exact_hits_ = 0;  // hits checked to be the longest possible
+  int64_t num_preemptions_ = 0;
+  int64_t num_preempt_exhausted_ = 0;
+  int64_t num_evicted_events_ = 0;
   const BlockManager& manager() const { return *manager_; }
 
  private:
@@ -331,6 +442,10 @@ class Model {
   std::set<std::pair<int, Tokens>> committed_;  // (extras, tokens [0, b)) for each full page b
   std::vector<Tokens> system_prompts_;
   SeqId next_id_ = 0;
+  KeyFingerprint fingerprint_;
+  KeyHashFn hash_;
+  std::set<std::pair<KeyBytes, KeyBytes>> committed_keys_;  // (key, parent) of committed pages
+  std::map<KeyBytes, KeyBytes> cached_;                     // replayed events: key -> parent
 };
 
 // What the runs of one configuration went through, to show they reach the states under test.
@@ -340,6 +455,8 @@ struct Totals {
   int64_t hits = 0;
   int64_t exact_hits = 0;
   int64_t evictions = 0;
+  int64_t preemptions = 0;
+  int64_t preempt_exhausted = 0;
 };
 
 Totals run(const Config& config, int num_seeds, int num_steps) {
@@ -358,6 +475,8 @@ Totals run(const Config& config, int num_seeds, int num_steps) {
     t.hits += model.manager().stats().prefix_hits;
     t.exact_hits += model.num_exact_hits_;
     t.evictions += model.manager().stats().evictions;
+    t.preemptions += model.num_preemptions_;
+    t.preempt_exhausted += model.num_preempt_exhausted_;
   }
   return t;
 }
@@ -376,6 +495,8 @@ TEST(BlockManagerModel, RandomOperationsMatchTheModel) {
                  (c.weak_hash ? " weak hash" : ""));
     const Totals t = run(c, 10, 600);
     if (HasFatalFailure()) return;
+    EXPECT_GT(t.preemptions, 0);
+    EXPECT_GT(t.preempt_exhausted, 0);
     if (c.page_size > 1) {
       EXPECT_GT(t.copies, 0);  // (with one token per page no page is ever partly filled)
     }
