@@ -23,8 +23,8 @@ run: deps
 	cmake --build $(BUILD) -j $(JOBS) --target kvcache_cli
 	./$(BUILD)/tools/kvcache/kvcache demo
 
-# Release build with every test, then the CPU build again under ASan + UBSan, then a short fuzz.
-test: test-release test-asan test-fuzz
+# Release build with every test, a short fuzz pass, then the CPU build again under ASan + UBSan.
+test: test-release test-fuzz test-asan
 
 test-release: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
@@ -46,8 +46,12 @@ fuzz: deps
 	  -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/ \
 	  $(FUZZ_BUILD)/corpus/block_manager $(wildcard tests/fuzz/regress)
 
+# The fuzzer's progress lines go to a log; its final stats (or, on a failure, the log's end) print.
 test-fuzz:
-	$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
+	@mkdir -p $(FUZZ_BUILD)
+	@$(MAKE) --no-print-directory fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS) > $(FUZZ_BUILD)/test-fuzz.log 2>&1 \
+	  || { tail -n 80 $(FUZZ_BUILD)/test-fuzz.log; exit 1; }
+	@grep -E '^(Done|stat::)' $(FUZZ_BUILD)/test-fuzz.log
 
 format:
 	git ls-files '*.h' '*.cpp' '*.cu' '*.cuh' | xargs clang-format -i
