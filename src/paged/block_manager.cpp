@@ -106,18 +106,30 @@ class PrefixIndex {
   int64_t size_ = 0;
 };
 
+// A sequence's share of one layer group.
+struct SeqGroup {
+  std::vector<PageId> pages;      // page groups: in token order, kNullPage once out of the window
+  std::vector<uint64_t> uids;     // with prefix caching: per full page, the cached content's uid
+  int64_t released = 0;           // sliding window: leading pages set to kNullPage
+  StateSlot slot = kNoStateSlot;  // recurrent: the live state slot
+};
+
 struct Sequence {
-  std::vector<PageId> pages;
   std::vector<int32_t> tokens;  // committed
   int64_t num_reserved = 0;
-  // With prefix caching: per full page, its key and the uid of the cached content it holds.
+  // With prefix caching: per full page, its key (shared by all groups).
   std::vector<PageKey> keys;
-  std::vector<uint64_t> uids;
   PageKey root;
   std::string salt;
   std::string adapter;
   std::vector<StoredSpan> spans;
+  std::vector<SeqGroup> groups;
 };
+
+Status bad_group(std::string_view op, int64_t group, size_t num_groups) {
+  return Status::invalid_argument(std::string(op) + ": group is " + std::to_string(group) +
+                                  ", expected 0 <= group < " + std::to_string(num_groups));
+}
 
 // 0 <= begin < end, sorted by begin.
 Status check_extras(std::string_view op, const KeyExtras& extras) {
@@ -151,6 +163,61 @@ Status check_keys(std::string_view op, std::span<const int32_t> prompt,
       std::to_string(page_size) + " = " + std::to_string(want));
 }
 
+// The pool, prefix index and cached-content metadata of one layer group.
+struct Group {
+  Group(const LayerGroupSpec& s, int64_t page_size, bool caching)
+      : spec(s),
+        pool(static_cast<int32_t>(s.num_pages)),
+        meta(caching ? static_cast<size_t>(s.num_pages) : 0),
+        page_tokens(caching && s.kind != LayerGroupKind::recurrent
+                        ? static_cast<size_t>(s.num_pages * page_size)
+                        : 0),
+        prefix_tokens(
+            caching && s.kind == LayerGroupKind::recurrent ? static_cast<size_t>(s.num_pages) : 0),
+        index(caching ? static_cast<int32_t>(s.num_pages) : 0) {}
+
+  [[nodiscard]] bool recurrent() const { return spec.kind == LayerGroupKind::recurrent; }
+  [[nodiscard]] bool sliding() const { return spec.kind == LayerGroupKind::sliding_window; }
+  // Sliding window: the leading pages no query at or after num_tokens can see.
+  [[nodiscard]] int64_t out_of_window(int64_t num_tokens, int64_t page_size) const {
+    return sliding() ? std::max<int64_t>(0, num_tokens - spec.window) / page_size : 0;
+  }
+
+  LayerGroupSpec spec;
+  BlockPool pool;                    // pages, or state slots (live and checkpoints)
+  std::vector<PageMeta> meta;        // per page / slot
+  std::vector<int32_t> page_tokens;  // page groups: [num_pages, page_size] of cached pages
+  // Recurrent: per checkpoint slot, the tokens of the whole prefix it follows (to verify hits).
+  std::vector<std::vector<int32_t>> prefix_tokens;
+  PrefixIndex index;
+  std::vector<int64_t> slots;  // reserve()'s result for this group
+};
+
+// The keys of a prompt's pages: the given ones, or computed on demand into `computed`.
+struct KeyChain {
+  std::span<const PageKey> given;
+  std::vector<PageKey>* computed;
+  const KeyHashFn* hash;
+  PageKey root;
+  std::span<const int32_t> prompt;
+  const KeyExtras* extras;
+  int64_t page_size;
+
+  // REQUIRES: i < prompt.size() / page_size.
+  const PageKey& at(int64_t i) {
+    if (!given.empty()) return given[static_cast<size_t>(i)];
+    while (static_cast<int64_t>(computed->size()) <= i) {
+      const int64_t j = static_cast<int64_t>(computed->size());
+      const PageKey parent = j == 0 ? root : computed->back();
+      computed->push_back(page_key(
+          *hash, parent,
+          prompt.subspan(static_cast<size_t>(j * page_size), static_cast<size_t>(page_size)),
+          j * page_size, *extras));
+    }
+    return (*computed)[static_cast<size_t>(i)];
+  }
+};
+
 }  // namespace
 
 const char* name(PageEventKind kind) {
@@ -163,26 +230,44 @@ const char* name(PageEventKind kind) {
   return "unknown";
 }
 
+const char* name(LayerGroupKind kind) {
+  switch (kind) {
+    case LayerGroupKind::full:
+      return "full";
+    case LayerGroupKind::sliding_window:
+      return "sliding_window";
+    case LayerGroupKind::recurrent:
+      return "recurrent";
+  }
+  return "unknown";
+}
+
 struct BlockManager::Rep {
   explicit Rep(const BlockManagerOptions& o)
       : options(o),
         page_size(o.page_size),
-        hash(o.hash_override ? o.hash_override : key_hash_fn(o.hash_kind)),
-        pool(static_cast<int32_t>(o.num_pages)),
-        // Without prefix caching nothing is ever cached: no per-page key state.
-        meta(o.enable_prefix_caching ? static_cast<size_t>(o.num_pages) : 0),
-        page_tokens(o.enable_prefix_caching ? static_cast<size_t>(o.num_pages * o.page_size) : 0),
-        index(o.enable_prefix_caching ? static_cast<int32_t>(o.num_pages) : 0) {
-    copies.reserve(static_cast<size_t>(std::min<int64_t>(o.num_pages, 1024)));
+        hash(o.hash_override ? o.hash_override : key_hash_fn(o.hash_kind)) {
+    std::vector<LayerGroupSpec> specs = o.groups;
+    if (specs.empty()) specs.push_back({LayerGroupKind::full, o.num_pages, 0});
+    int64_t max_pages = 0;
+    for (const LayerGroupSpec& spec : specs) {
+      groups.push_back(std::make_unique<Group>(spec, page_size, o.enable_prefix_caching));
+      max_pages = std::max(max_pages, spec.num_pages);
+    }
+    copies.reserve(static_cast<size_t>(std::min<int64_t>(max_pages, 1024)));
+    state_copies.reserve(static_cast<size_t>(std::min<int64_t>(max_pages, 1024)));
     // Drained once per step by a router, so steady state grows it no further.
     if (o.record_events && o.enable_prefix_caching) {
-      events.reserve(static_cast<size_t>(std::min<int64_t>(2 * o.num_pages, 4096)));
+      events.reserve(static_cast<size_t>(std::min<int64_t>(2 * max_pages, 4096)));
     }
   }
 
   [[nodiscard]] bool caching() const { return options.enable_prefix_caching; }
-  [[nodiscard]] std::span<const int32_t> stored_tokens(PageId page) const {
-    return std::span<const int32_t>(page_tokens)
+  [[nodiscard]] bool valid_group(int64_t g) const {
+    return g >= 0 && g < static_cast<int64_t>(groups.size());
+  }
+  [[nodiscard]] std::span<const int32_t> stored_tokens(const Group& G, PageId page) const {
+    return std::span<const int32_t>(G.page_tokens)
         .subspan(static_cast<size_t>(page * page_size), static_cast<size_t>(page_size));
   }
   [[nodiscard]] Sequence* find(SeqId seq) {
@@ -202,15 +287,15 @@ struct BlockManager::Rep {
     return KeyExtras{s.salt, s.adapter, span_scratch};
   }
 
-  // True when cached page `page` holds exactly the page at first_pos of a request with `extras`
-  // whose previous page has uid parent_uid.
-  [[nodiscard]] bool verify(PageId page, std::span<const int32_t> tokens, int64_t first_pos,
-                            const KeyExtras& extras, uint64_t parent_uid) const {
-    const PageMeta& m = meta[page];
+  // True when cached page `page` of G holds exactly the page at first_pos of a request with
+  // `extras` whose previous page has uid parent_uid.
+  [[nodiscard]] bool verify(const Group& G, PageId page, std::span<const int32_t> tokens,
+                            int64_t first_pos, const KeyExtras& extras, uint64_t parent_uid) const {
+    const PageMeta& m = G.meta[static_cast<size_t>(page)];
     if (m.parent_uid != parent_uid) return false;
     if (first_pos == 0 && m.salt != extras.salt) return false;
     if (m.adapter != extras.adapter) return false;
-    const std::span<const int32_t> stored = stored_tokens(page);
+    const std::span<const int32_t> stored = stored_tokens(G, page);
     if (!std::equal(stored.begin(), stored.end(), tokens.begin(), tokens.end())) return false;
     size_t i_span = 0;
     for (const MultimodalSpan& s : extras.multimodal) {
@@ -222,90 +307,138 @@ struct BlockManager::Rep {
     return i_span == m.spans.size();
   }
 
-  // Longest verified run of cached full pages of `prompt`, at most max_pages. Uses `keys` when
-  // given (checked: prompt.size() / page_size of them, so non-empty whenever max_pages > 0), else
-  // computes them from `root`. With `out`, the pages, keys and uids are appended to it.
-  int64_t walk(std::span<const int32_t> prompt, std::span<const PageKey> keys,
-               const KeyExtras& extras, const PageKey& root, int64_t max_pages,
-               Sequence* out) const {
-    PageKey parent = root;
+  // True when checkpoint `slot` of recurrent G follows exactly `prefix` under `extras`.
+  [[nodiscard]] bool verify_checkpoint(const Group& G, StateSlot slot,
+                                       std::span<const int32_t> prefix,
+                                       const KeyExtras& extras) const {
+    const PageMeta& m = G.meta[static_cast<size_t>(slot)];
+    if (m.salt != extras.salt || m.adapter != extras.adapter) return false;
+    const std::vector<int32_t>& stored = G.prefix_tokens[static_cast<size_t>(slot)];
+    if (!std::equal(stored.begin(), stored.end(), prefix.begin(), prefix.end())) return false;
+    const int64_t end = static_cast<int64_t>(prefix.size());
+    size_t i_span = 0;
+    for (const MultimodalSpan& s : extras.multimodal) {
+      if (!overlaps(s.begin, s.end, 0, end)) continue;
+      if (i_span == m.spans.size()) return false;
+      const StoredSpan& t = m.spans[i_span++];
+      if (t.content_hash != s.content_hash || t.begin != s.begin || t.end != s.end) return false;
+    }
+    return i_span == m.spans.size();
+  }
+
+  // Longest verified run of cached full pages of `prompt` in page group G, at most max_pages.
+  // With `out`, the pages and uids are appended to it.
+  int64_t walk(const Group& G, KeyChain& chain, const KeyExtras& extras, int64_t max_pages,
+               SeqGroup* out) const {
     uint64_t parent_uid = 0;
     int64_t i = 0;
     for (; i < max_pages; ++i) {
       const auto tokens =
-          prompt.subspan(static_cast<size_t>(i * page_size), static_cast<size_t>(page_size));
-      const PageKey key = keys.empty() ? page_key(hash, parent, tokens, i * page_size, extras)
-                                       : keys[static_cast<size_t>(i)];
-      const PageId page = index.find(key, meta);
-      if (page == kNoPage || !verify(page, tokens, i * page_size, extras, parent_uid)) break;
+          chain.prompt.subspan(static_cast<size_t>(i * page_size), static_cast<size_t>(page_size));
+      const PageId page = G.index.find(chain.at(i), G.meta);
+      if (page == kNoPage || !verify(G, page, tokens, i * page_size, extras, parent_uid)) break;
+      parent_uid = G.meta[static_cast<size_t>(page)].uid;
       if (out != nullptr) {
         out->pages.push_back(page);
-        out->keys.push_back(key);
-        out->uids.push_back(meta[page].uid);
+        out->uids.push_back(parent_uid);
       }
-      parent = key;
-      parent_uid = meta[page].uid;
     }
     return i;
+  }
+
+  // The verified checkpoint of recurrent G at boundary b (b pages), or kNoPage.
+  [[nodiscard]] StateSlot find_checkpoint(const Group& G, KeyChain& chain, const KeyExtras& extras,
+                                          int64_t b) const {
+    const StateSlot slot = G.index.find(chain.at(b - 1), G.meta);
+    if (slot == kNoPage) return kNoPage;
+    const auto prefix = chain.prompt.first(static_cast<size_t>(b * page_size));
+    return verify_checkpoint(G, slot, prefix, extras) ? slot : kNoPage;
+  }
+
+  // The longest boundary (in pages, <= max_pages) every group serves. With outs (one per group),
+  // page groups' runs are appended (possibly longer than the hit) and recurrent groups' checkpoint
+  // slots set in ckpts.
+  int64_t find_hit(KeyChain& chain, const KeyExtras& extras, int64_t max_pages,
+                   std::vector<SeqGroup>* outs, std::vector<StateSlot>* ckpts) const {
+    int64_t limit = max_pages;
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (groups[g]->recurrent()) continue;
+      limit = walk(*groups[g], chain, extras, limit, outs == nullptr ? nullptr : &(*outs)[g]);
+    }
+    for (int64_t b = limit; b > 0; --b) {
+      bool all = true;
+      for (size_t g = 0; g < groups.size() && all; ++g) {
+        if (!groups[g]->recurrent()) continue;
+        const StateSlot slot = find_checkpoint(*groups[g], chain, extras, b);
+        all = slot != kNoPage;
+        if (ckpts != nullptr) (*ckpts)[g] = slot;
+      }
+      if (all) return b;
+    }
+    if (ckpts != nullptr) std::fill(ckpts->begin(), ckpts->end(), kNoPage);
+    return 0;
   }
 
   [[nodiscard]] int64_t max_hit_pages(int64_t num_prompt_tokens) const {
     return num_prompt_tokens == 0 ? 0 : (num_prompt_tokens - 1) / page_size;
   }
 
-  void record(PageEventKind kind, const PageMeta& m) {
+  void record(PageEventKind kind, size_t g, const PageMeta& m) {
     if (!options.record_events) return;
-    events.push_back({kind, m.key, m.parent, page_size, options.fingerprint.layer_group});
+    events.push_back({kind, m.key, m.parent, page_size,
+                      options.fingerprint.layer_group + static_cast<int64_t>(g)});
   }
 
-  // Drops a cached page's key (the page is being reused or replaced).
-  void uncache(PageId page) {
-    record(PageEventKind::evicted, meta[page]);
-    index.erase(page, meta);
-    meta[page].uid = 0;
+  // Drops a cached page's (or checkpoint's) key: it is being reused or replaced.
+  void uncache(size_t g, PageId page) {
+    Group& G = *groups[g];
+    record(PageEventKind::evicted, g, G.meta[static_cast<size_t>(page)]);
+    G.index.erase(page, G.meta);
+    G.meta[static_cast<size_t>(page)].uid = 0;
     ++stats.evictions;
   }
 
-  // REQUIRES: pool.num_available() > 0.
-  PageId allocate_page() {
-    const BlockPool::Allocation a = pool.allocate();
+  // REQUIRES: groups[g]->pool.num_available() > 0.
+  PageId allocate_page(size_t g) {
+    const BlockPool::Allocation a = groups[g]->pool.allocate();
     KV_CHECK(a.page != kNoPage);
-    if (a.evicted) uncache(a.page);
+    if (a.evicted) uncache(g, a.page);
     return a.page;
   }
 
-  // Page j of s just filled up: key it, and cache it unless an identical page already is.
-  void on_page_full(Sequence& s, int64_t j) {
-    const PageId page = s.pages[static_cast<size_t>(j)];
-    KV_CHECK(!pool.is_cached(page));
+  // Page j of s (its key already in s.keys) just filled up in page group g: cache it unless an
+  // identical page already is.
+  void on_page_full(Sequence& s, size_t g, int64_t j) {
+    Group& G = *groups[g];
+    SeqGroup& sg = s.groups[g];
+    const PageId page = sg.pages[static_cast<size_t>(j)];
+    KV_CHECK(page != kNoPage && !G.pool.is_cached(page));
     const KeyExtras extras = extras_of(s);
     const int64_t first_pos = j * page_size;
     const auto tokens = std::span<const int32_t>(s.tokens).subspan(static_cast<size_t>(first_pos),
                                                                    static_cast<size_t>(page_size));
-    // A copy: the push_back below may move s.keys.
-    const PageKey parent = j == 0 ? s.root : s.keys[static_cast<size_t>(j - 1)];
-    const uint64_t parent_uid = j == 0 ? 0 : s.uids[static_cast<size_t>(j - 1)];
-    s.keys.push_back(page_key(hash, parent, tokens, first_pos, extras));
-    const PageKey& key = s.keys.back();
+    const PageKey& parent = j == 0 ? s.root : s.keys[static_cast<size_t>(j - 1)];
+    const uint64_t parent_uid = j == 0 ? 0 : sg.uids[static_cast<size_t>(j - 1)];
+    const PageKey& key = s.keys[static_cast<size_t>(j)];
 
-    const PageId other = index.find(key, meta);
+    const PageId other = G.index.find(key, G.meta);
     if (other != kNoPage) {
-      if (verify(other, tokens, first_pos, extras, parent_uid)) {
-        s.uids.push_back(meta[other].uid);
+      if (verify(G, other, tokens, first_pos, extras, parent_uid)) {
+        sg.uids.push_back(G.meta[static_cast<size_t>(other)].uid);
         ++stats.duplicate_pages;
         return;
       }
-      if (pool.refcount(other) > 0) {
+      if (G.pool.refcount(other) > 0) {
         // A collision with a page in use: this page stays private, under an identity nothing
         // in the index can match.
-        s.uids.push_back(next_uid++);
+        sg.uids.push_back(next_uid++);
         return;
       }
       // A collision (or an orphan whose parent was evicted) nobody uses: replace it.
-      uncache(other);
-      pool.drop_cached(other);
+      uncache(g, other);
+      G.pool.drop_cached(other);
     }
-    PageMeta& m = meta[page];
+    PageMeta& m = G.meta[static_cast<size_t>(page)];
     m.key = key;
     m.parent = parent;
     m.uid = next_uid++;
@@ -321,19 +454,82 @@ struct BlockManager::Rep {
       if (overlaps(sp.begin, sp.end, first_pos, page_size)) m.spans.push_back(sp);
     }
     std::copy(tokens.begin(), tokens.end(),
-              page_tokens.begin() + static_cast<ptrdiff_t>(page * page_size));
-    pool.set_cached(page, true);
-    index.insert(page, meta);
-    s.uids.push_back(m.uid);
-    record(PageEventKind::cached, m);
+              G.page_tokens.begin() + static_cast<ptrdiff_t>(page * page_size));
+    G.pool.set_cached(page, true);
+    G.index.insert(page, G.meta);
+    sg.uids.push_back(m.uid);
+    record(PageEventKind::cached, g, m);
+  }
+
+  // s just committed up to boundary b (b pages) in recurrent group g: checkpoint its live state
+  // unless a verified checkpoint of this prefix exists or no slot is available.
+  void checkpoint(Sequence& s, size_t g, int64_t b) {
+    Group& G = *groups[g];
+    const KeyExtras extras = extras_of(s);
+    const auto prefix =
+        std::span<const int32_t>(s.tokens).first(static_cast<size_t>(b * page_size));
+    const PageKey& key = s.keys[static_cast<size_t>(b - 1)];
+    const StateSlot other = G.index.find(key, G.meta);
+    if (other != kNoPage) {
+      if (verify_checkpoint(G, other, prefix, extras)) {
+        ++stats.duplicate_pages;
+        return;
+      }
+      uncache(g, other);  // a collision: checkpoints are never referenced, so replace it
+      G.pool.drop_cached(other);
+    }
+    if (G.pool.num_available() == 0) return;
+    const StateSlot slot = allocate_page(g);
+    PageMeta& m = G.meta[static_cast<size_t>(slot)];
+    m.key = key;
+    m.parent = b == 1 ? s.root : s.keys[static_cast<size_t>(b - 2)];
+    m.uid = next_uid++;
+    m.parent_uid = 0;
+    m.salt.assign(s.salt);
+    m.adapter.assign(s.adapter);
+    m.spans.clear();
+    for (const StoredSpan& sp : s.spans) {
+      if (overlaps(sp.begin, sp.end, 0, b * page_size)) m.spans.push_back(sp);
+    }
+    G.prefix_tokens[static_cast<size_t>(slot)].assign(prefix.begin(), prefix.end());
+    G.pool.set_cached(slot, true);
+    G.index.insert(slot, G.meta);
+    record(PageEventKind::cached, g, m);
+    state_copies.push_back({s.groups[g].slot, slot});
+    G.pool.unref(slot);  // nobody holds it: it waits in the LRU until a hit restores it
   }
 
   // Last page first, so a sequence's tail pages reach the LRU first and are evicted first.
-  void release_pages(Sequence& s, size_t keep) {
-    while (s.pages.size() > keep) {
-      pool.unref(s.pages.back());
-      s.pages.pop_back();
+  void release_pages(Group& G, SeqGroup& sg, size_t keep) {
+    while (sg.pages.size() > keep) {
+      if (sg.pages.back() != kNoPage) G.pool.unref(sg.pages.back());
+      sg.pages.pop_back();
     }
+  }
+
+  // Sliding window: releases the pages that fell out of the window at num_tokens.
+  void slide(Group& G, SeqGroup& sg, int64_t num_tokens) {
+    const int64_t out = G.out_of_window(num_tokens, page_size);
+    for (; sg.released < out; ++sg.released) {
+      PageId& page = sg.pages[static_cast<size_t>(sg.released)];
+      G.pool.unref(page);
+      page = kNoPage;
+    }
+  }
+
+  // resource_exhausted naming the first recurrent group with fewer than `pinned` + 1 slots.
+  Status check_state_slots(std::string_view op, SeqId seq,
+                           const std::vector<StateSlot>* pinned) const {
+    for (size_t g = 0; g < groups.size(); ++g) {
+      if (!groups[g]->recurrent()) continue;
+      const BlockPool& pool = groups[g]->pool;
+      const int64_t pin = pinned != nullptr && (*pinned)[g] != kNoPage ? 1 : 0;
+      if (pool.num_available() - pin >= 1) continue;
+      return Status::resource_exhausted(std::string(op) + ": recurrent group " + std::to_string(g) +
+                                        " has no state slot for " + seq_str(seq) +
+                                        ", expected one available");
+    }
+    return Status();
   }
 
   // Both add() overloads: keys_given tells them apart.
@@ -352,7 +548,12 @@ struct BlockManager::Rep {
 
     Sequence s;
     const size_t hint = static_cast<size_t>(r.options.max_pages_per_seq_hint);
-    s.pages.reserve(hint);
+    s.groups.resize(r.groups.size());
+    for (size_t g = 0; g < r.groups.size(); ++g) {
+      if (r.groups[g]->recurrent()) continue;
+      s.groups[g].pages.reserve(hint);
+      if (r.caching()) s.groups[g].uids.reserve(hint);
+    }
     s.tokens.reserve(std::max(hint * static_cast<size_t>(r.page_size), prompt.size()));
     s.salt = extras.salt;
     s.adapter = extras.adapter;
@@ -360,19 +561,46 @@ struct BlockManager::Rep {
       s.spans.push_back({std::string(sp.content_hash), sp.begin, sp.end});
     }
     int64_t hit_pages = 0;
+    std::vector<StateSlot> ckpts(r.groups.size(), kNoPage);
     if (r.caching()) {
       s.keys.reserve(hint);
-      s.uids.reserve(hint);
       s.root = root_key(r.hash, r.options.fingerprint, extras.salt);
-      hit_pages = r.walk(prompt, keys, extras, s.root,
-                         r.max_hit_pages(static_cast<int64_t>(prompt.size())), &s);
+      r.key_scratch.clear();
+      KeyChain chain{keys, &r.key_scratch, &r.hash, s.root, prompt, &extras, r.page_size};
+      hit_pages = r.find_hit(chain, extras, r.max_hit_pages(static_cast<int64_t>(prompt.size())),
+                             &s.groups, &ckpts);
+      for (int64_t i = 0; i < hit_pages; ++i) s.keys.push_back(chain.at(i));
+    }
+    if (Status st = r.check_state_slots(kOp, seq, &ckpts); !st.ok()) return st;
+
+    if (r.caching()) {
       ++r.stats.prefix_queries;
       r.stats.prefix_tokens_queried += static_cast<int64_t>(prompt.size());
       if (hit_pages > 0) ++r.stats.prefix_hits;
       r.stats.prefix_tokens_hit += hit_pages * r.page_size;
     }
     const int64_t hit_tokens = hit_pages * r.page_size;
-    for (PageId page : s.pages) r.pool.ref(page);
+    for (size_t g = 0; g < r.groups.size(); ++g) {
+      Group& G = *r.groups[g];
+      SeqGroup& sg = s.groups[g];
+      if (G.recurrent()) {
+        if (ckpts[g] != kNoPage) G.pool.ref(ckpts[g]);  // not to be evicted by the allocation
+        sg.slot = r.allocate_page(g);
+        r.state_copies.push_back({ckpts[g] == kNoPage ? kNoStateSlot : ckpts[g], sg.slot});
+        if (ckpts[g] != kNoPage) G.pool.unref(ckpts[g]);
+        continue;
+      }
+      sg.pages.resize(static_cast<size_t>(hit_pages));
+      sg.uids.resize(static_cast<size_t>(hit_pages));
+      sg.released = G.out_of_window(hit_tokens, r.page_size);
+      for (size_t j = 0; j < sg.pages.size(); ++j) {
+        if (static_cast<int64_t>(j) < sg.released) {
+          sg.pages[j] = kNoPage;
+        } else {
+          G.pool.ref(sg.pages[j]);
+        }
+      }
+    }
     s.tokens.assign(prompt.begin(), prompt.begin() + hit_tokens);
     r.seqs.emplace(seq, std::move(s));
     return hit_tokens;
@@ -393,21 +621,21 @@ struct BlockManager::Rep {
     // With keys given the root is not needed (and not hashed).
     const PageKey root =
         keys_given ? PageKey{} : root_key(r.hash, r.options.fingerprint, extras.salt);
-    return r.walk(prompt, keys, extras, root, max_pages, nullptr) * r.page_size;
+    r.key_scratch.clear();
+    KeyChain chain{keys, &r.key_scratch, &r.hash, root, prompt, &extras, r.page_size};
+    return r.find_hit(chain, extras, max_pages, nullptr, nullptr) * r.page_size;
   }
 
   BlockManagerOptions options;
   int64_t page_size;
   KeyHashFn hash;
-  BlockPool pool;
-  std::vector<PageMeta> meta;        // per page
-  std::vector<int32_t> page_tokens;  // [num_pages, page_size]: token ids of cached pages
-  PrefixIndex index;
+  std::vector<std::unique_ptr<Group>> groups;
   std::unordered_map<SeqId, Sequence> seqs;
-  std::vector<int64_t> slots;  // reserve()'s result
   std::vector<PageCopy> copies;
+  std::vector<StateCopy> state_copies;
   std::vector<PageEvent> events;
   std::vector<MultimodalSpan> span_scratch;
+  mutable std::vector<PageKey> key_scratch;  // computed prompt keys (const lookups too)
   BlockManagerStats stats;
   uint64_t next_uid = 1;
 };
@@ -417,7 +645,8 @@ Result<std::unique_ptr<BlockManager>> BlockManager::create(const BlockManagerOpt
   const auto bad = [&](const std::string& what) {
     return Status::invalid_argument(std::string(kOp) + ": " + what);
   };
-  if (options.num_pages < 1 || options.num_pages > BlockPool::kMaxPages) {
+  const auto bad_pages = [](int64_t n) { return n < 1 || n > BlockPool::kMaxPages; };
+  if (options.groups.empty() && bad_pages(options.num_pages)) {
     return bad("num_pages is " + std::to_string(options.num_pages) +
                ", expected 1 <= num_pages <= " + std::to_string(BlockPool::kMaxPages));
   }
@@ -428,10 +657,31 @@ Result<std::unique_ptr<BlockManager>> BlockManager::create(const BlockManagerOpt
     return bad("fingerprint.page_size is " + std::to_string(options.fingerprint.page_size) +
                ", expected page_size = " + std::to_string(options.page_size));
   }
-  if (options.watermark_pages < 0 || options.watermark_pages > options.num_pages) {
+  if (options.watermark_pages < 0 ||
+      (options.groups.empty() && options.watermark_pages > options.num_pages)) {
     return bad(
         "watermark_pages is " + std::to_string(options.watermark_pages) +
         ", expected 0 <= watermark_pages <= num_pages = " + std::to_string(options.num_pages));
+  }
+  for (size_t g = 0; g < options.groups.size(); ++g) {
+    const LayerGroupSpec& spec = options.groups[g];
+    const std::string what = "groups[" + std::to_string(g) + "]";
+    if (spec.kind != LayerGroupKind::full && spec.kind != LayerGroupKind::sliding_window &&
+        spec.kind != LayerGroupKind::recurrent) {
+      return bad(what + ".kind is " + std::to_string(static_cast<int>(spec.kind)) +
+                 ", expected a LayerGroupKind");
+    }
+    if (bad_pages(spec.num_pages)) {
+      return bad(what + ".num_pages is " + std::to_string(spec.num_pages) +
+                 ", expected 1 <= num_pages <= " + std::to_string(BlockPool::kMaxPages));
+    }
+    if (spec.kind == LayerGroupKind::sliding_window && spec.window < 1) {
+      return bad(what + ".window is " + std::to_string(spec.window) + ", expected >= 1");
+    }
+    if (spec.kind != LayerGroupKind::recurrent && options.watermark_pages > spec.num_pages) {
+      return bad("watermark_pages is " + std::to_string(options.watermark_pages) +
+                 ", expected <= " + what + ".num_pages = " + std::to_string(spec.num_pages));
+    }
   }
   if (options.max_pages_per_seq_hint < 0) {
     return bad("max_pages_per_seq_hint is " + std::to_string(options.max_pages_per_seq_hint) +
@@ -467,42 +717,55 @@ Result<std::span<const int64_t>> BlockManager::reserve(SeqId seq, int64_t n) {
   const size_t need = static_cast<size_t>(ceil_div(num_tokens + n, ps));
   // The partly filled page the first token goes to must be private and not cached.
   const size_t i_write = static_cast<size_t>(num_tokens / ps);
-  bool cow = false;
-  if (n > 0 && num_tokens % ps != 0) {
-    const PageId page = s->pages[i_write];
-    cow = r.pool.refcount(page) > 1 || r.pool.is_cached(page);
-  }
-  const size_t num_release = s->pages.size() > need ? s->pages.size() - need : 0;
-  const int64_t num_alloc =
-      static_cast<int64_t>(need - std::min(need, s->pages.size())) + (cow ? 1 : 0);
-  const int64_t available = r.pool.num_available() + static_cast<int64_t>(num_release);
-  if (num_alloc > available) {
-    return Status::resource_exhausted(std::string(kOp) + ": " + std::to_string(num_alloc) +
-                                      " new pages needed for " + std::to_string(n) + " tokens of " +
-                                      seq_str(seq) + ", expected at most " +
-                                      std::to_string(available) + " available (free + evictable)");
+  const auto needs_cow = [&](const Group& G, const SeqGroup& sg) {
+    if (n == 0 || num_tokens % ps == 0) return false;
+    const PageId page = sg.pages[i_write];
+    return G.pool.refcount(page) > 1 || G.pool.is_cached(page);
+  };
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    const Group& G = *r.groups[g];
+    if (G.recurrent()) continue;
+    const SeqGroup& sg = s->groups[g];
+    const size_t num_release = sg.pages.size() > need ? sg.pages.size() - need : 0;
+    const int64_t num_alloc =
+        static_cast<int64_t>(need - std::min(need, sg.pages.size())) + (needs_cow(G, sg) ? 1 : 0);
+    const int64_t available = G.pool.num_available() + static_cast<int64_t>(num_release);
+    if (num_alloc > available) {
+      return Status::resource_exhausted(
+          std::string(kOp) + ": " + std::to_string(num_alloc) + " new pages needed for " +
+          std::to_string(n) + " tokens of " + seq_str(seq) +
+          (r.groups.size() > 1 ? " in group " + std::to_string(g) : std::string()) +
+          ", expected at most " + std::to_string(available) + " available (free + evictable)");
+    }
   }
 
-  r.release_pages(*s, need);  // reservation pages only: private, they go to the free list
-  PageId cow_src = kNoPage;
-  if (cow) {
-    cow_src = s->pages[i_write];
-    const PageId dst = r.allocate_page();
-    r.copies.push_back({cow_src, dst});
-    ++r.stats.cow_copies;
-    s->pages[i_write] = dst;
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    Group& G = *r.groups[g];
+    if (G.recurrent()) continue;
+    SeqGroup& sg = s->groups[g];
+    const bool cow = needs_cow(G, sg);
+    r.release_pages(G, sg, need);  // reservation pages only: private, they go to the free list
+    PageId cow_src = kNoPage;
+    if (cow) {
+      cow_src = sg.pages[i_write];
+      const PageId dst = r.allocate_page(g);
+      r.copies.push_back({cow_src, dst});
+      ++r.stats.cow_copies;
+      sg.pages[i_write] = dst;
+    }
+    while (sg.pages.size() < need) sg.pages.push_back(r.allocate_page(g));
+    // After the allocations: the source may join the LRU, and must not be handed out above.
+    if (cow_src != kNoPage) G.pool.unref(cow_src);
+    G.slots.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = num_tokens + i;
+      G.slots[static_cast<size_t>(i)] = sg.pages[static_cast<size_t>(pos / ps)] * ps + pos % ps;
+    }
   }
-  while (s->pages.size() < need) s->pages.push_back(r.allocate_page());
-  // After the allocations: the source may join the LRU, and must not be handed out above.
-  if (cow_src != kNoPage) r.pool.unref(cow_src);
   s->num_reserved = n;
-
-  r.slots.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t pos = num_tokens + i;
-    r.slots[static_cast<size_t>(i)] = s->pages[static_cast<size_t>(pos / ps)] * ps + pos % ps;
-  }
-  return std::span<const int64_t>(r.slots);
+  // A recurrent group 0 has no slots.
+  if (r.groups[0]->recurrent()) r.groups[0]->slots.clear();
+  return std::span<const int64_t>(r.groups[0]->slots);
 }
 
 Status BlockManager::commit(SeqId seq, std::span<const int32_t> tokens) {
@@ -516,11 +779,31 @@ Status BlockManager::commit(SeqId seq, std::span<const int32_t> tokens) {
                                     " tokens, expected at most " + std::to_string(s->num_reserved) +
                                     " reserved for " + seq_str(seq));
   }
+  const int64_t ps = r.page_size;
   const int64_t old = static_cast<int64_t>(s->tokens.size());
   s->tokens.insert(s->tokens.end(), tokens.begin(), tokens.end());
   s->num_reserved -= k;
+  const int64_t len = old + k;
   if (r.caching()) {
-    for (int64_t j = old / r.page_size; j < (old + k) / r.page_size; ++j) r.on_page_full(*s, j);
+    const KeyExtras extras = r.extras_of(*s);
+    for (int64_t j = old / ps; j < len / ps; ++j) {
+      const PageKey parent = j == 0 ? s->root : s->keys[static_cast<size_t>(j - 1)];
+      s->keys.push_back(page_key(r.hash, parent,
+                                 std::span<const int32_t>(s->tokens).subspan(
+                                     static_cast<size_t>(j * ps), static_cast<size_t>(ps)),
+                                 j * ps, extras));
+    }
+  }
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    Group& G = *r.groups[g];
+    if (G.recurrent()) {
+      if (r.caching() && k > 0 && len % ps == 0) r.checkpoint(*s, g, len / ps);
+      continue;
+    }
+    if (r.caching()) {
+      for (int64_t j = old / ps; j < len / ps; ++j) r.on_page_full(*s, g, j);
+    }
+    r.slide(G, s->groups[g], len);
   }
   return Status();
 }
@@ -536,13 +819,32 @@ Status BlockManager::truncate(SeqId seq, int64_t n) {
                                     ", expected 0 <= n <= " + std::to_string(len) +
                                     " (num_tokens of " + seq_str(seq) + ")");
   }
-  r.release_pages(*s, static_cast<size_t>(ceil_div(n, r.page_size)));
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    const Group& G = *r.groups[g];
+    const SeqGroup& sg = s->groups[g];
+    if (G.recurrent() && n != len) {
+      return Status::invalid_argument(std::string(kOp) + ": n is " + std::to_string(n) +
+                                      ", expected n == num_tokens = " + std::to_string(len) +
+                                      " (recurrent group " + std::to_string(g) +
+                                      " cannot roll back its state)");
+    }
+    if (G.sliding() && sg.released > G.out_of_window(n, r.page_size)) {
+      return Status::invalid_argument(
+          std::string(kOp) + ": n is " + std::to_string(n) +
+          ", expected n >= " + std::to_string(sg.released * r.page_size + G.spec.window) +
+          " (sliding-window group " + std::to_string(g) + " released the pages before)");
+    }
+  }
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    Group& G = *r.groups[g];
+    if (G.recurrent()) continue;
+    SeqGroup& sg = s->groups[g];
+    r.release_pages(G, sg, static_cast<size_t>(ceil_div(n, r.page_size)));
+    if (r.caching()) sg.uids.resize(static_cast<size_t>(n / r.page_size));
+  }
   s->tokens.resize(static_cast<size_t>(n));
   s->num_reserved = 0;
-  if (r.caching()) {
-    s->keys.resize(static_cast<size_t>(n / r.page_size));
-    s->uids.resize(static_cast<size_t>(n / r.page_size));
-  }
+  if (r.caching()) s->keys.resize(static_cast<size_t>(n / r.page_size));
   return Status();
 }
 
@@ -555,11 +857,23 @@ Status BlockManager::fork(SeqId parent, SeqId child) {
     return Status::invalid_argument(std::string(kOp) + ": child " + seq_str(child) +
                                     " exists, expected a new id");
   }
+  if (Status st = r.check_state_slots(kOp, child, nullptr); !st.ok()) return st;
   Sequence c = *p;
-  c.pages.resize(
-      static_cast<size_t>(ceil_div(static_cast<int64_t>(p->tokens.size()), r.page_size)));
   c.num_reserved = 0;
-  for (PageId page : c.pages) r.pool.ref(page);
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    Group& G = *r.groups[g];
+    SeqGroup& cg = c.groups[g];
+    if (G.recurrent()) {
+      cg.slot = r.allocate_page(g);
+      r.state_copies.push_back({p->groups[g].slot, cg.slot});
+      continue;
+    }
+    cg.pages.resize(
+        static_cast<size_t>(ceil_div(static_cast<int64_t>(p->tokens.size()), r.page_size)));
+    for (PageId page : cg.pages) {
+      if (page != kNoPage) G.pool.ref(page);
+    }
+  }
   r.seqs.emplace(child, std::move(c));
   return Status();
 }
@@ -568,16 +882,55 @@ Status BlockManager::free(SeqId seq) {
   Rep& r = *rep_;
   auto it = r.seqs.find(seq);
   if (it == r.seqs.end()) return unknown_seq("BlockManager.free", seq);
-  r.release_pages(it->second, 0);
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    Group& G = *r.groups[g];
+    SeqGroup& sg = it->second.groups[g];
+    if (G.recurrent()) {
+      G.pool.unref(sg.slot);
+    } else {
+      r.release_pages(G, sg, 0);
+    }
+  }
   r.seqs.erase(it);
   return Status();
 }
 
 Result<std::span<const PageId>> BlockManager::page_table(SeqId seq) const {
-  const Sequence* s = rep_->find(seq);
-  if (s == nullptr) return unknown_seq("BlockManager.page_table", seq);
-  return std::span<const PageId>(s->pages);
+  return page_table(seq, 0);
 }
+
+Result<std::span<const PageId>> BlockManager::page_table(SeqId seq, int64_t group) const {
+  constexpr std::string_view kOp = "BlockManager.page_table";
+  const Rep& r = *rep_;
+  const Sequence* s = r.find(seq);
+  if (s == nullptr) return unknown_seq(kOp, seq);
+  if (!r.valid_group(group)) return bad_group(kOp, group, r.groups.size());
+  return std::span<const PageId>(s->groups[static_cast<size_t>(group)].pages);
+}
+
+Result<std::span<const int64_t>> BlockManager::reserved_slots(int64_t group) const {
+  const Rep& r = *rep_;
+  if (!r.valid_group(group)) {
+    return bad_group("BlockManager.reserved_slots", group, r.groups.size());
+  }
+  return std::span<const int64_t>(r.groups[static_cast<size_t>(group)]->slots);
+}
+
+Result<StateSlot> BlockManager::state_slot(SeqId seq, int64_t group) const {
+  constexpr std::string_view kOp = "BlockManager.state_slot";
+  const Rep& r = *rep_;
+  const Sequence* s = r.find(seq);
+  if (s == nullptr) return unknown_seq(kOp, seq);
+  if (!r.valid_group(group)) return bad_group(kOp, group, r.groups.size());
+  if (!r.groups[static_cast<size_t>(group)]->recurrent()) {
+    return Status::invalid_argument(std::string(kOp) + ": group " + std::to_string(group) + " is " +
+                                    name(r.groups[static_cast<size_t>(group)]->spec.kind) +
+                                    ", expected a recurrent group");
+  }
+  return s->groups[static_cast<size_t>(group)].slot;
+}
+
+int64_t BlockManager::num_groups() const { return static_cast<int64_t>(rep_->groups.size()); }
 
 Result<int64_t> BlockManager::num_tokens(SeqId seq) const {
   const Sequence* s = rep_->find(seq);
@@ -607,7 +960,7 @@ Result<int64_t> BlockManager::match_prefix(std::span<const int32_t> prompt,
 
 bool BlockManager::is_cached(const PageKey& key) const {
   const Rep& r = *rep_;
-  return r.caching() && r.index.find(key, r.meta) != kNoPage;
+  return r.caching() && r.groups[0]->index.find(key, r.groups[0]->meta) != kNoPage;
 }
 
 Result<std::vector<SeqId>> BlockManager::plan_preemption(
@@ -630,40 +983,79 @@ Result<std::vector<SeqId>> BlockManager::plan_preemption(
                                       std::to_string(it->second) + ", expected distinct sequences");
     }
   }
-  int64_t available = r.pool.num_available();
+  // Per page group: pages available, and references the planned victims hold per page (a page is
+  // released when they are all of them).
+  std::vector<int64_t> available(r.groups.size(), 0);
+  std::vector<std::unordered_map<PageId, int32_t>> dropped(r.groups.size());
+  const auto short_group = [&]() -> int64_t {
+    for (size_t g = 0; g < r.groups.size(); ++g) {
+      if (!r.groups[g]->recurrent() && available[g] < num_pages_needed) {
+        return static_cast<int64_t>(g);
+      }
+    }
+    return -1;
+  };
+  for (size_t g = 0; g < r.groups.size(); ++g) available[g] = r.groups[g]->pool.num_available();
   std::vector<SeqId> plan;
-  if (available >= num_pages_needed) return plan;
-  // References the planned victims hold per page: a page is released when they are all of them.
-  std::unordered_map<PageId, int32_t> dropped;
+  if (short_group() < 0) return plan;
   for (const SeqId v : victims_in_order) {
     plan.push_back(v);
-    for (const PageId page : r.find(v)->pages) {
-      if (++dropped[page] == r.pool.refcount(page)) ++available;
+    const Sequence& s = *r.find(v);
+    for (size_t g = 0; g < r.groups.size(); ++g) {
+      if (r.groups[g]->recurrent()) continue;
+      for (const PageId page : s.groups[g].pages) {
+        if (page == kNoPage) continue;
+        if (++dropped[g][page] == r.groups[g]->pool.refcount(page)) ++available[g];
+      }
     }
-    if (available >= num_pages_needed) return plan;
+    if (short_group() < 0) return plan;
   }
+  const size_t g = static_cast<size_t>(short_group());
   return Status::resource_exhausted(
       std::string(kOp) + ": freeing all " + std::to_string(victims_in_order.size()) +
-      " victims leaves " + std::to_string(available) +
-      " pages available, expected >= " + std::to_string(num_pages_needed) + " (num_pages_needed)");
+      " victims leaves " + std::to_string(available[g]) + " pages available" +
+      (r.groups.size() > 1 ? " in group " + std::to_string(g) : std::string()) +
+      ", expected >= " + std::to_string(num_pages_needed) + " (num_pages_needed)");
 }
 
 bool BlockManager::can_admit(int64_t num_new_tokens) const {
   if (num_new_tokens < 0) return false;
   const Rep& r = *rep_;
-  return ceil_div(num_new_tokens, r.page_size) <=
-         r.pool.num_available() - r.options.watermark_pages;
+  for (const auto& G : r.groups) {
+    const int64_t available = G->pool.num_available();
+    if (G->recurrent()
+            ? available < 1
+            : ceil_div(num_new_tokens, r.page_size) > available - r.options.watermark_pages) {
+      return false;
+    }
+  }
+  return true;
 }
 
-int64_t BlockManager::num_pages() const { return rep_->pool.num_pages(); }
+int64_t BlockManager::num_pages() const { return rep_->groups[0]->pool.num_pages(); }
 int64_t BlockManager::page_size() const { return rep_->page_size; }
-int64_t BlockManager::num_free_pages() const { return rep_->pool.num_free(); }
-int64_t BlockManager::num_cached_pages() const { return rep_->index.size(); }
-int64_t BlockManager::num_evictable_pages() const { return rep_->pool.num_evictable(); }
-int64_t BlockManager::num_used_pages() const { return rep_->pool.num_used(); }
+int64_t BlockManager::num_free_pages() const { return num_free_pages(0); }
+int64_t BlockManager::num_cached_pages() const { return num_cached_pages(0); }
+int64_t BlockManager::num_evictable_pages() const { return num_evictable_pages(0); }
+int64_t BlockManager::num_used_pages() const { return num_used_pages(0); }
+int64_t BlockManager::num_free_pages(int64_t group) const {
+  return rep_->valid_group(group) ? rep_->groups[static_cast<size_t>(group)]->pool.num_free() : 0;
+}
+int64_t BlockManager::num_cached_pages(int64_t group) const {
+  return rep_->valid_group(group) ? rep_->groups[static_cast<size_t>(group)]->index.size() : 0;
+}
+int64_t BlockManager::num_evictable_pages(int64_t group) const {
+  return rep_->valid_group(group) ? rep_->groups[static_cast<size_t>(group)]->pool.num_evictable()
+                                  : 0;
+}
+int64_t BlockManager::num_used_pages(int64_t group) const {
+  return rep_->valid_group(group) ? rep_->groups[static_cast<size_t>(group)]->pool.num_used() : 0;
+}
 const BlockManagerStats& BlockManager::stats() const { return rep_->stats; }
 std::span<const PageCopy> BlockManager::pending_copies() const { return rep_->copies; }
 void BlockManager::clear_pending_copies() { rep_->copies.clear(); }
+std::span<const StateCopy> BlockManager::pending_state_copies() const { return rep_->state_copies; }
+void BlockManager::clear_pending_state_copies() { rep_->state_copies.clear(); }
 std::span<const PageEvent> BlockManager::events() const { return rep_->events; }
 void BlockManager::clear_events() { rep_->events.clear(); }
 
@@ -672,94 +1064,131 @@ Status BlockManager::check_invariants() const {
   const auto fail = [](const std::string& what) {
     return Status::internal("BlockManager.check_invariants: " + what);
   };
-  const int32_t num_pages = r.pool.num_pages();
   const int64_t ps = r.page_size;
-
-  std::vector<int32_t> refs(static_cast<size_t>(num_pages), 0);
   for (const auto& [id, s] : r.seqs) {
     const int64_t len = static_cast<int64_t>(s.tokens.size());
-    const int64_t want = ceil_div(len + s.num_reserved, ps);
-    if (s.num_reserved < 0 || static_cast<int64_t>(s.pages.size()) != want) {
-      return fail(seq_str(id) + " has " + std::to_string(s.pages.size()) + " pages for " +
-                  std::to_string(len) + " tokens + " + std::to_string(s.num_reserved) +
-                  " reserved, expected " + std::to_string(want));
-    }
-    for (size_t j = 0; j < s.pages.size(); ++j) {
-      const PageId page = s.pages[j];
-      if (page < 0 || page >= num_pages) return fail(seq_str(id) + " holds bad page id");
-      ++refs[static_cast<size_t>(page)];
-      // Pages holding reserved tokens only were allocated by reserve(): private, not cached.
-      if (static_cast<int64_t>(j) >= ceil_div(len, ps) &&
-          (r.pool.refcount(page) != 1 || r.pool.is_cached(page))) {
-        return fail(seq_str(id) + " reservation page " + std::to_string(page) +
-                    " is shared or cached, expected private");
-      }
-    }
-    if (!r.caching()) continue;
-    const size_t full = static_cast<size_t>(len / ps);
-    if (s.keys.size() != full || s.uids.size() != full) {
+    if (s.num_reserved < 0) return fail(seq_str(id) + " has a negative reservation");
+    if (r.caching() && s.keys.size() != static_cast<size_t>(len / ps)) {
       return fail(seq_str(id) + " has " + std::to_string(s.keys.size()) + " keys, expected " +
-                  std::to_string(full) + " (full pages)");
+                  std::to_string(len / ps) + " (full pages)");
     }
-    for (size_t j = 0; j < full; ++j) {
-      const PageId page = s.pages[j];
-      if (!r.pool.is_cached(page)) continue;
-      const PageMeta& m = r.meta[static_cast<size_t>(page)];
-      const auto mine = std::span<const int32_t>(s.tokens).subspan(j * static_cast<size_t>(ps),
-                                                                   static_cast<size_t>(ps));
-      const auto stored = r.stored_tokens(page);
-      if (m.key != s.keys[j] || m.uid != s.uids[j] ||
-          !std::equal(mine.begin(), mine.end(), stored.begin(), stored.end())) {
-        return fail(seq_str(id) + " page " + std::to_string(j) + " (page id " +
-                    std::to_string(page) + ") is cached with other contents, expected its own");
+    if (s.groups.size() != r.groups.size()) return fail(seq_str(id) + " has wrong group count");
+  }
+  for (size_t g = 0; g < r.groups.size(); ++g) {
+    const Group& G = *r.groups[g];
+    const std::string gname = "group " + std::to_string(g) + " ";
+    const int32_t num_pages = G.pool.num_pages();
+    std::vector<int32_t> refs(static_cast<size_t>(num_pages), 0);
+    for (const auto& [id, s] : r.seqs) {
+      const SeqGroup& sg = s.groups[g];
+      const int64_t len = static_cast<int64_t>(s.tokens.size());
+      if (G.recurrent()) {
+        if (sg.slot < 0 || sg.slot >= num_pages || !sg.pages.empty()) {
+          return fail(gname + seq_str(id) + " has a bad state slot or pages");
+        }
+        ++refs[static_cast<size_t>(sg.slot)];
+        if (G.pool.is_cached(sg.slot)) {
+          return fail(gname + seq_str(id) + " live slot is a checkpoint, expected private");
+        }
+        continue;
+      }
+      const int64_t want = ceil_div(len + s.num_reserved, ps);
+      if (static_cast<int64_t>(sg.pages.size()) != want) {
+        return fail(gname + seq_str(id) + " has " + std::to_string(sg.pages.size()) +
+                    " pages for " + std::to_string(len) + " tokens + " +
+                    std::to_string(s.num_reserved) + " reserved, expected " + std::to_string(want));
+      }
+      if (sg.released != G.out_of_window(len, ps)) {
+        return fail(gname + seq_str(id) + " released " + std::to_string(sg.released) +
+                    " pages, expected " + std::to_string(G.out_of_window(len, ps)) +
+                    " (out of the window)");
+      }
+      for (size_t j = 0; j < sg.pages.size(); ++j) {
+        const PageId page = sg.pages[j];
+        if (static_cast<int64_t>(j) < sg.released) {
+          if (page != kNoPage) return fail(gname + seq_str(id) + " holds an out-of-window page");
+          continue;
+        }
+        if (page < 0 || page >= num_pages) return fail(gname + seq_str(id) + " holds bad page id");
+        ++refs[static_cast<size_t>(page)];
+        // Pages holding reserved tokens only were allocated by reserve(): private, not cached.
+        if (static_cast<int64_t>(j) >= ceil_div(len, ps) &&
+            (G.pool.refcount(page) != 1 || G.pool.is_cached(page))) {
+          return fail(gname + seq_str(id) + " reservation page " + std::to_string(page) +
+                      " is shared or cached, expected private");
+        }
+      }
+      if (!r.caching()) continue;
+      const size_t full = static_cast<size_t>(len / ps);
+      if (sg.uids.size() != full) {
+        return fail(gname + seq_str(id) + " has " + std::to_string(sg.uids.size()) +
+                    " uids, expected " + std::to_string(full) + " (full pages)");
+      }
+      for (size_t j = static_cast<size_t>(sg.released); j < full; ++j) {
+        const PageId page = sg.pages[j];
+        if (!G.pool.is_cached(page)) continue;
+        const PageMeta& m = G.meta[static_cast<size_t>(page)];
+        const auto mine = std::span<const int32_t>(s.tokens).subspan(j * static_cast<size_t>(ps),
+                                                                     static_cast<size_t>(ps));
+        const auto stored = r.stored_tokens(G, page);
+        if (m.key != s.keys[j] || m.uid != sg.uids[j] ||
+            !std::equal(mine.begin(), mine.end(), stored.begin(), stored.end())) {
+          return fail(gname + seq_str(id) + " page " + std::to_string(j) + " (page id " +
+                      std::to_string(page) + ") is cached with other contents, expected its own");
+        }
       }
     }
-  }
 
-  int64_t num_cached = 0;
-  int64_t num_used = 0;
-  for (PageId page = 0; page < num_pages; ++page) {
-    const int32_t rc = r.pool.refcount(page);
-    const bool cached = r.pool.is_cached(page);
-    const std::string name = "page " + std::to_string(page);
-    if (rc != refs[static_cast<size_t>(page)]) {
-      return fail(name + " has refcount " + std::to_string(rc) + ", expected " +
-                  std::to_string(refs[static_cast<size_t>(page)]) + " (references held)");
-    }
-    if (rc > 0) ++num_used;
-    const bool free = r.pool.on_free_list(page);
-    const bool lru = r.pool.on_lru(page);
-    if (rc > 0 && (free || lru)) return fail(name + " is used and on a list, expected neither");
-    if (rc == 0 && free == lru) return fail(name + " is unused, expected on exactly one list");
-    if (free && cached) return fail(name + " is free and cached, expected not cached");
-    if (lru && !cached) return fail(name + " is on the LRU, expected cached");
-    if (!r.caching()) {
-      if (cached) return fail(name + " is cached, expected nothing cached without prefix caching");
-      continue;
-    }
-    if (cached != (r.meta[static_cast<size_t>(page)].uid != 0)) {
-      return fail(name + " cached flag and uid disagree");
-    }
-    if (cached) {
+    int64_t num_cached = 0;
+    int64_t num_used = 0;
+    for (PageId page = 0; page < num_pages; ++page) {
+      const int32_t rc = G.pool.refcount(page);
+      const bool cached = G.pool.is_cached(page);
+      const std::string pname = gname + "page " + std::to_string(page);
+      if (rc != refs[static_cast<size_t>(page)]) {
+        return fail(pname + " has refcount " + std::to_string(rc) + ", expected " +
+                    std::to_string(refs[static_cast<size_t>(page)]) + " (references held)");
+      }
+      if (rc > 0) ++num_used;
+      const bool free = G.pool.on_free_list(page);
+      const bool lru = G.pool.on_lru(page);
+      if (rc > 0 && (free || lru)) return fail(pname + " is used and on a list, expected neither");
+      if (rc == 0 && free == lru) return fail(pname + " is unused, expected on exactly one list");
+      if (free && cached) return fail(pname + " is free and cached, expected not cached");
+      if (lru && !cached) return fail(pname + " is on the LRU, expected cached");
+      if (!r.caching()) {
+        if (cached) {
+          return fail(pname + " is cached, expected nothing cached without prefix caching");
+        }
+        continue;
+      }
+      const PageMeta& m = G.meta[static_cast<size_t>(page)];
+      if (cached != (m.uid != 0)) return fail(pname + " cached flag and uid disagree");
+      if (!cached) continue;
       ++num_cached;
-      if (r.index.find(r.meta[static_cast<size_t>(page)].key, r.meta) != page) {
-        return fail(name + " is cached, expected its key in the index pointing back to it");
+      if (G.index.find(m.key, G.meta) != page) {
+        return fail(pname + " is cached, expected its key in the index pointing back to it");
+      }
+      if (G.recurrent() &&
+          (rc != 0 || G.prefix_tokens[static_cast<size_t>(page)].empty() ||
+           G.prefix_tokens[static_cast<size_t>(page)].size() % static_cast<size_t>(ps) != 0)) {
+        return fail(pname + " is a checkpoint, expected unreferenced with a whole-page prefix");
       }
     }
-  }
-  if (num_cached != r.index.size()) {
-    return fail("index holds " + std::to_string(r.index.size()) + " keys, expected " +
-                std::to_string(num_cached) + " (cached pages)");
-  }
-  if (static_cast<int64_t>(r.pool.free_list().size()) != r.pool.num_free() ||
-      static_cast<int64_t>(r.pool.lru().size()) != r.pool.num_evictable()) {
-    return fail("list lengths disagree with the counts");
-  }
-  if (num_used != r.pool.num_used() ||
-      r.pool.num_free() + r.pool.num_evictable() + num_used != num_pages) {
-    return fail("free " + std::to_string(r.pool.num_free()) + " + evictable " +
-                std::to_string(r.pool.num_evictable()) + " + used " + std::to_string(num_used) +
-                ", expected num_pages = " + std::to_string(num_pages));
+    if (num_cached != G.index.size()) {
+      return fail(gname + "index holds " + std::to_string(G.index.size()) + " keys, expected " +
+                  std::to_string(num_cached) + " (cached pages)");
+    }
+    if (static_cast<int64_t>(G.pool.free_list().size()) != G.pool.num_free() ||
+        static_cast<int64_t>(G.pool.lru().size()) != G.pool.num_evictable()) {
+      return fail(gname + "list lengths disagree with the counts");
+    }
+    if (num_used != G.pool.num_used() ||
+        G.pool.num_free() + G.pool.num_evictable() + num_used != num_pages) {
+      return fail(gname + "free " + std::to_string(G.pool.num_free()) + " + evictable " +
+                  std::to_string(G.pool.num_evictable()) + " + used " + std::to_string(num_used) +
+                  ", expected num_pages = " + std::to_string(num_pages));
+    }
   }
   return Status();
 }

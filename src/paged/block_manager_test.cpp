@@ -931,5 +931,188 @@ TEST(BlockManager, PlanPreemptionMatchesActuallyFreeing) {
                         "leaves " + std::to_string(base + 1) + " pages"));
 }
 
+// --- hybrid layer groups ---
+
+BlockManagerOptions hybrid(std::vector<LayerGroupSpec> groups, int64_t page_size = 4) {
+  BlockManagerOptions o = options(1, page_size);
+  o.groups = std::move(groups);
+  return o;
+}
+
+Pages table(const BlockManager& m, SeqId seq, int64_t group) {
+  const auto t = value_or_fail(m.page_table(seq, group));
+  return Pages(t.begin(), t.end());
+}
+
+TEST(BlockManagerHybrid, SlidingWindowReleasesPagesOutOfTheWindow) {
+  constexpr int64_t kWindow = 8;
+  auto m =
+      make(hybrid({{LayerGroupKind::full, 32, 0}, {LayerGroupKind::sliding_window, 32, kWindow}}));
+  ASSERT_EQ(m->num_groups(), 2);
+  const Tokens t = tokens(40);
+  ASSERT_OK(m->add(1, {}));
+  for (int64_t len = 1; len <= 40; ++len) {
+    ASSERT_OK(m->reserve(1, 1));
+    ASSERT_OK(m->commit(1, std::span<const int32_t>(t).subspan(static_cast<size_t>(len - 1), 1)));
+    ASSERT_OK(m->check_invariants());
+    const Pages full = table(*m, 1, 0);
+    const Pages window = table(*m, 1, 1);
+    ASSERT_EQ(full.size(), window.size());
+    const int64_t released = std::max<int64_t>(0, len - kWindow) / 4;
+    int64_t held = 0;
+    for (size_t j = 0; j < window.size(); ++j) {
+      if (static_cast<int64_t>(j) < released) {
+        EXPECT_EQ(window[j], kNullPage) << "len " << len << " page " << j;
+      } else {
+        EXPECT_NE(window[j], kNullPage) << "len " << len << " page " << j;
+        ++held;
+      }
+    }
+    EXPECT_LE(held, kWindow / 4 + 1);
+    EXPECT_EQ(m->num_used_pages(1), held);
+    EXPECT_EQ(m->num_used_pages(0), static_cast<int64_t>(full.size()));
+  }
+  // Released full pages stay cached (evictable), so a prefix hit still finds them.
+  ASSERT_OK(m->free(1));
+  const Tokens prompt = concat(t, tokens(3, 900));
+  EXPECT_EQ(value_or_fail(m->add(2, prompt)), 40);
+  const Pages window = table(*m, 2, 1);
+  ASSERT_EQ(window.size(), 10u);
+  for (size_t j = 0; j < 8; ++j) EXPECT_EQ(window[j], kNullPage);
+  EXPECT_NE(window[8], kNullPage);
+  EXPECT_NE(window[9], kNullPage);
+  EXPECT_EQ(m->num_used_pages(1), 2);
+  ASSERT_OK(m->check_invariants());
+
+  // Truncating below the held window is refused and changes nothing.
+  const Pages before = table(*m, 2, 1);
+  EXPECT_TRUE(has_error(m->truncate(2, 20), Code::invalid_argument, "expected n >= 40"));
+  EXPECT_EQ(table(*m, 2, 1), before);
+  EXPECT_EQ(value_or_fail(m->num_tokens(2)), 40);
+  EXPECT_OK(m->truncate(2, 40));
+  ASSERT_OK(m->check_invariants());
+}
+
+// A toy recurrent model: a state is a running hash of the tokens, kept per slot.
+constexpr uint64_t kInitialState = 0x9e3779b97f4a7c15ULL;
+uint64_t step_state(uint64_t state, int32_t token) {
+  return (state ^ static_cast<uint64_t>(token)) * 0x100000001b3ULL + 7;
+}
+uint64_t recompute(std::span<const int32_t> tokens) {
+  uint64_t s = kInitialState;
+  for (int32_t t : tokens) s = step_state(s, t);
+  return s;
+}
+
+struct ToyStates {
+  std::vector<uint64_t> state;
+  explicit ToyStates(size_t n) : state(n, 0) {}
+  void apply(BlockManager& m) {
+    for (const StateCopy& c : m.pending_state_copies()) {
+      state[static_cast<size_t>(c.dst)] =
+          c.src == kNoStateSlot ? kInitialState : state[static_cast<size_t>(c.src)];
+    }
+    m.clear_pending_state_copies();
+  }
+  // reserve, run the model over `t` (updating the live state), commit, apply the checkpoints.
+  void run(BlockManager& m, SeqId seq, std::span<const int32_t> t) {
+    ASSERT_OK(m.reserve(seq, static_cast<int64_t>(t.size())));
+    uint64_t& s = state[static_cast<size_t>(value_or_fail(m.state_slot(seq, 1)))];
+    for (int32_t tok : t) s = step_state(s, tok);
+    ASSERT_OK(m.commit(seq, t));
+    apply(m);
+    ASSERT_OK(m.check_invariants());
+  }
+  uint64_t live(const BlockManager& m, SeqId seq) const {
+    return state[static_cast<size_t>(value_or_fail(m.state_slot(seq, 1)))];
+  }
+};
+
+TEST(BlockManagerHybrid, RecurrentCheckpointRestoresTheRecomputedState) {
+  constexpr int64_t kSlots = 8;
+  auto m = make(hybrid({{LayerGroupKind::full, 32, 0}, {LayerGroupKind::recurrent, kSlots, 0}}));
+  ToyStates toy(kSlots);
+  const Tokens a = tokens(12, 500);
+  ASSERT_EQ(value_or_fail(m->add(1, {})), 0);
+  toy.apply(*m);
+  EXPECT_TRUE(m->page_table(1, 1).ok() && value_or_fail(m->page_table(1, 1)).empty());
+  for (size_t i = 0; i < a.size(); i += 4)
+    toy.run(*m, 1, std::span<const int32_t>(a).subspan(i, 4));
+  EXPECT_EQ(toy.live(*m, 1), recompute(a));
+  EXPECT_EQ(m->num_cached_pages(1), 3);  // checkpoints at 4, 8 and 12 tokens
+  ASSERT_OK(m->free(1));
+
+  const Tokens prompt = concat(a, tokens(3, 700));
+  EXPECT_EQ(value_or_fail(m->match_prefix(prompt)), 12);
+  ASSERT_EQ(value_or_fail(m->add(2, prompt)), 12);
+  toy.apply(*m);
+  EXPECT_EQ(toy.live(*m, 2), recompute(std::span<const int32_t>(prompt).first(12)));
+  toy.run(*m, 2, std::span<const int32_t>(prompt).subspan(12));
+  EXPECT_EQ(toy.live(*m, 2), recompute(prompt));
+
+  // A fork copies the live state.
+  ASSERT_OK(m->fork(2, 3));
+  toy.apply(*m);
+  EXPECT_EQ(toy.live(*m, 3), recompute(prompt));
+  EXPECT_NE(value_or_fail(m->state_slot(3, 1)), value_or_fail(m->state_slot(2, 1)));
+  EXPECT_TRUE(has_error(m->truncate(3, 4), Code::invalid_argument, "cannot roll back"));
+  EXPECT_TRUE(has_error(m->state_slot(3, 0), Code::invalid_argument, "expected a recurrent"));
+  EXPECT_TRUE(has_error(m->page_table(3, 2), Code::invalid_argument, "expected 0 <= group < 2"));
+  ASSERT_OK(m->check_invariants());
+}
+
+TEST(BlockManagerHybrid, NoHitAtABoundaryWithoutACheckpoint) {
+  auto m = make(hybrid({{LayerGroupKind::full, 32, 0}, {LayerGroupKind::recurrent, 3, 0}}));
+  ToyStates toy(3);
+  // One commit across two boundaries leaves a checkpoint only at its end (8).
+  const Tokens b = tokens(10, 300);
+  ASSERT_OK(m->add(1, {}));
+  toy.apply(*m);
+  toy.run(*m, 1, std::span<const int32_t>(b).first(8));
+  toy.run(*m, 1, std::span<const int32_t>(b).subspan(8));
+  EXPECT_EQ(value_or_fail(m->match_prefix(std::span<const int32_t>(b).first(7))), 0);
+  EXPECT_EQ(value_or_fail(m->match_prefix(b)), 8);
+  ASSERT_OK(m->free(1));
+
+  // Checkpoints at 4, 8, 12 with 3 slots (one live): 12's evicts 4's.
+  const Tokens a = tokens(16, 500);
+  ASSERT_OK(m->add(2, {}));
+  toy.apply(*m);
+  for (size_t i = 0; i < 12; i += 4) toy.run(*m, 2, std::span<const int32_t>(a).subspan(i, 4));
+  ASSERT_OK(m->free(2));
+  const auto first = [&](size_t n) { return std::span<const int32_t>(a).first(n); };
+  EXPECT_EQ(value_or_fail(m->match_prefix(first(7))), 0);  // the full group alone would hit 4
+  EXPECT_EQ(value_or_fail(m->match_prefix(first(11))), 8);
+  EXPECT_EQ(value_or_fail(m->match_prefix(first(13))), 12);
+  ASSERT_EQ(value_or_fail(m->add(3, first(11))), 8);
+  toy.apply(*m);
+  EXPECT_EQ(toy.live(*m, 3), recompute(first(8)));
+  ASSERT_OK(m->check_invariants());
+}
+
+TEST(BlockManagerHybrid, OutOfStateSlotsIsRefusedAndChangesNothing) {
+  auto m = make(hybrid({{LayerGroupKind::full, 8, 0}, {LayerGroupKind::recurrent, 1, 0}}));
+  ASSERT_OK(m->add(1, tokens(3)));
+  const size_t copies = m->pending_state_copies().size();
+  const int64_t used0 = m->num_used_pages(0);
+  EXPECT_FALSE(m->can_admit(1));
+  EXPECT_TRUE(has_error(m->add(2, tokens(3)), Code::resource_exhausted, "no state slot"));
+  EXPECT_TRUE(has_error(m->fork(1, 3), Code::resource_exhausted, "no state slot"));
+  EXPECT_FALSE(m->contains(2));
+  EXPECT_FALSE(m->contains(3));
+  EXPECT_EQ(m->pending_state_copies().size(), copies);
+  EXPECT_EQ(m->num_used_pages(0), used0);
+  EXPECT_EQ(m->stats().prefix_queries, 1);
+  ASSERT_OK(m->check_invariants());
+}
+
+TEST(BlockManagerHybrid, CreateRefusesBadGroups) {
+  EXPECT_TRUE(has_error(BlockManager::create(hybrid({{LayerGroupKind::full, 0, 0}})),
+                        Code::invalid_argument, "groups[0].num_pages is 0"));
+  EXPECT_TRUE(has_error(BlockManager::create(hybrid({{LayerGroupKind::full, 4, 0},
+                                                     {LayerGroupKind::sliding_window, 4, 0}})),
+                        Code::invalid_argument, "groups[1].window is 0"));
+}
+
 }  // namespace
 }  // namespace kvcache
