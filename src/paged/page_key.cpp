@@ -15,6 +15,8 @@
 #include <vector>
 
 #include <openssl/sha.h>
+// Header-only use: no library to link, so the header alone is a build dependency.
+#define XXH_INLINE_ALL
 #include <xxhash.h>
 
 #include "core/check.h"
