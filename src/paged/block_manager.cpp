@@ -114,6 +114,20 @@ struct SeqGroup {
   StateSlot slot = kNoStateSlot;  // recurrent: the live state slot
 };
 
+// A sequence's per-group tables. Group 0's lives inline: the single-group step (reserve + commit
+// per running sequence) then reaches its page table without another pointer chase.
+class SeqGroups {
+ public:
+  [[nodiscard]] size_t size() const { return rest_.size() + 1; }
+  void resize(size_t n) { rest_.resize(n - 1); }
+  SeqGroup& operator[](size_t g) { return g == 0 ? first_ : rest_[g - 1]; }
+  const SeqGroup& operator[](size_t g) const { return g == 0 ? first_ : rest_[g - 1]; }
+
+ private:
+  SeqGroup first_;
+  std::vector<SeqGroup> rest_;
+};
+
 struct Sequence {
   std::vector<int32_t> tokens;  // committed
   int64_t num_reserved = 0;
@@ -123,7 +137,7 @@ struct Sequence {
   std::string salt;
   std::string adapter;
   std::vector<StoredSpan> spans;
-  std::vector<SeqGroup> groups;
+  SeqGroups groups;
 };
 
 Status bad_group(std::string_view op, int64_t group, size_t num_groups) {
@@ -253,6 +267,7 @@ struct BlockManager::Rep {
     for (const LayerGroupSpec& spec : specs) {
       groups.push_back(std::make_unique<Group>(spec, page_size, o.enable_prefix_caching));
       max_pages = std::max(max_pages, spec.num_pages);
+      any_sliding = any_sliding || spec.kind == LayerGroupKind::sliding_window;
     }
     copies.reserve(static_cast<size_t>(std::min<int64_t>(max_pages, 1024)));
     state_copies.reserve(static_cast<size_t>(std::min<int64_t>(max_pages, 1024)));
@@ -270,11 +285,18 @@ struct BlockManager::Rep {
     return std::span<const int32_t>(G.page_tokens)
         .subspan(static_cast<size_t>(page * page_size), static_cast<size_t>(page_size));
   }
+  // The last sequence found is remembered: a step calls reserve() then commit() on the same one,
+  // and unordered_map elements stay put until erased (free() forgets it).
   [[nodiscard]] Sequence* find(SeqId seq) {
+    if (last_seq != nullptr && last_id == seq) return last_seq;
     auto it = seqs.find(seq);
-    return it == seqs.end() ? nullptr : &it->second;
+    if (it == seqs.end()) return nullptr;
+    last_id = seq;
+    last_seq = &it->second;
+    return last_seq;
   }
   [[nodiscard]] const Sequence* find(SeqId seq) const {
+    if (last_seq != nullptr && last_id == seq) return last_seq;
     auto it = seqs.find(seq);
     return it == seqs.end() ? nullptr : &it->second;
   }
@@ -358,8 +380,8 @@ struct BlockManager::Rep {
   // The longest boundary (in pages, <= max_pages) every group serves. With outs (one per group),
   // page groups' runs are appended (possibly longer than the hit) and recurrent groups' checkpoint
   // slots set in ckpts.
-  int64_t find_hit(KeyChain& chain, const KeyExtras& extras, int64_t max_pages,
-                   std::vector<SeqGroup>* outs, std::vector<StateSlot>* ckpts) const {
+  int64_t find_hit(KeyChain& chain, const KeyExtras& extras, int64_t max_pages, SeqGroups* outs,
+                   std::vector<StateSlot>* ckpts) const {
     int64_t limit = max_pages;
     for (size_t g = 0; g < groups.size(); ++g) {
       if (groups[g]->recurrent()) continue;
@@ -631,6 +653,8 @@ struct BlockManager::Rep {
   KeyHashFn hash;
   std::vector<std::unique_ptr<Group>> groups;
   std::unordered_map<SeqId, Sequence> seqs;
+  SeqId last_id = 0;  // find()'s memo
+  Sequence* last_seq = nullptr;
   std::vector<PageCopy> copies;
   std::vector<StateCopy> state_copies;
   std::vector<PageEvent> events;
@@ -638,6 +662,7 @@ struct BlockManager::Rep {
   mutable std::vector<PageKey> key_scratch;  // computed prompt keys (const lookups too)
   BlockManagerStats stats;
   uint64_t next_uid = 1;
+  bool any_sliding = false;  // commit() must slide windows even when no page fills
 };
 
 Result<std::unique_ptr<BlockManager>> BlockManager::create(const BlockManagerOptions& options) {
@@ -781,10 +806,17 @@ Status BlockManager::commit(SeqId seq, std::span<const int32_t> tokens) {
   }
   const int64_t ps = r.page_size;
   const int64_t old = static_cast<int64_t>(s->tokens.size());
-  s->tokens.insert(s->tokens.end(), tokens.begin(), tokens.end());
+  if (k == 1) {
+    s->tokens.push_back(tokens[0]);  // the decode step: no range-insert (memmove) call
+  } else {
+    s->tokens.insert(s->tokens.end(), tokens.begin(), tokens.end());
+  }
   s->num_reserved -= k;
   const int64_t len = old + k;
-  if (r.caching()) {
+  // No page filled: nothing to key, cache or checkpoint (a checkpoint needs len % ps == 0 with
+  // k > 0, i.e. a filled page); only sliding windows may move.
+  if (len / ps == old / ps && !r.any_sliding) return Status();
+  if (r.caching() && len / ps > old / ps) {
     const KeyExtras extras = r.extras_of(*s);
     for (int64_t j = old / ps; j < len / ps; ++j) {
       const PageKey parent = j == 0 ? s->root : s->keys[static_cast<size_t>(j - 1)];
@@ -891,6 +923,7 @@ Status BlockManager::free(SeqId seq) {
       r.release_pages(G, sg, 0);
     }
   }
+  if (r.last_seq == &it->second) r.last_seq = nullptr;
   r.seqs.erase(it);
   return Status();
 }

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/check.h"
+
 namespace kvcache {
 
 using PageId = int32_t;  // as in kvcache/block_manager.h
@@ -90,6 +92,66 @@ class BlockPool {
   std::vector<int32_t> prev_;  // num_pages_ + 2 entries: pages, then the two sentinels
   std::vector<int32_t> next_;
 };
+
+// Inline: one call per page per scheduling step.
+inline BlockPool::Allocation BlockPool::allocate() {
+  Allocation a;
+  if (num_free_ > 0) {
+    a.page = next_[free_head()];
+  } else if (num_lru_ > 0) {
+    a.page = next_[lru_head()];
+    a.evicted = true;
+    cached_[a.page] = 0;
+  } else {
+    return a;
+  }
+  unlink(a.page);
+  refcount_[a.page] = 1;
+  return a;
+}
+
+inline void BlockPool::ref(PageId page) {
+  if (refcount_[page] == 0) {
+    KV_CHECK(list_[page] == kLru);
+    unlink(page);
+  }
+  ++refcount_[page];
+}
+
+inline void BlockPool::unref(PageId page) {
+  KV_CHECK(refcount_[page] > 0);
+  if (--refcount_[page] > 0) return;
+  if (cached_[page] != 0) {
+    push_back(lru_head(), page);
+  } else {
+    push_front(free_head(), page);
+  }
+}
+
+inline void BlockPool::push_front(int32_t head, PageId page) { insert_after(head, head, page); }
+
+inline void BlockPool::push_back(int32_t head, PageId page) {
+  insert_after(head, prev_[head], page);
+}
+
+inline void BlockPool::insert_after(int32_t head, int32_t node, PageId page) {
+  const int32_t after = next_[node];
+  prev_[page] = node;
+  next_[page] = after;
+  prev_[after] = page;
+  next_[node] = page;
+  const bool free = head == free_head();
+  list_[page] = free ? kFreeList : kLru;
+  ++(free ? num_free_ : num_lru_);
+}
+
+inline void BlockPool::unlink(PageId page) {
+  KV_CHECK(list_[page] != kNoList);
+  --(list_[page] == kFreeList ? num_free_ : num_lru_);
+  next_[prev_[page]] = next_[page];
+  prev_[next_[page]] = prev_[page];
+  list_[page] = kNoList;
+}
 
 }  // namespace paged
 }  // namespace kvcache
