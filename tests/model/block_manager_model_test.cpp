@@ -6,6 +6,10 @@
 // manager's invariants hold, every sequence's pages hold exactly its tokens (so copy-on-write and
 // prefix hits never hand out wrong data), every prefix hit is a run that was committed under the
 // same key extras, and replaying the page events gives exactly the keys the manager has cached.
+// Hybrid configurations (full, sliding-window and recurrent layer groups) check the same per page
+// group (each group's pool simulated on its own, sliding-window tables null exactly out of the
+// window), and per recurrent group a toy state per slot (a running hash of the tokens consumed,
+// moved by pending_state_copies()) that must equal the hash of each sequence's tokens.
 
 #include <algorithm>
 #include <array>
@@ -52,7 +56,19 @@ struct Config {
   int64_t page_size;
   bool caching;
   bool weak_hash;  // keys that collide whenever two pages hold the same bytes in any order
+  std::vector<LayerGroupSpec> groups = {};  // empty: one full group of num_pages
 };
+
+// A toy recurrent model: a state is a running hash of the tokens it consumed.
+constexpr uint64_t kInitialState = 0x9e3779b97f4a7c15ULL;
+uint64_t step_state(uint64_t state, int32_t token) {
+  return (state ^ static_cast<uint64_t>(token)) * 0x100000001b3ULL + 7;
+}
+uint64_t recompute(const Tokens& tokens) {
+  uint64_t s = kInitialState;
+  for (int32_t t : tokens) s = step_state(s, t);
+  return s;
+}
 
 class Model {
  public:
@@ -73,11 +89,28 @@ class Model {
         return k;
       };
     }
+    o.groups = config.groups;
     fingerprint_ = o.fingerprint;
     hash_ = o.hash_override ? o.hash_override : key_hash_fn(o.hash_kind);
     manager_ = value_or_fail(BlockManager::create(o));
-    pages_.assign(static_cast<size_t>(config.num_pages),
-                  Tokens(static_cast<size_t>(config.page_size), -1));
+    specs_ = config.groups;
+    if (specs_.empty()) specs_.push_back({LayerGroupKind::full, config.num_pages, 0});
+    for (const LayerGroupSpec& g : specs_) {
+      if (g.kind == LayerGroupKind::recurrent) {
+        EXPECT_LT(recurrent_group_, 0) << "at most one recurrent group";
+        recurrent_group_ = static_cast<int64_t>(pools_.size());
+        // Garbage to start with, so a missing reset shows.
+        std::vector<uint64_t> states;
+        for (int64_t i = 0; i < g.num_pages; ++i) states.push_back(rng_());
+        states_.push_back(std::move(states));
+        pools_.emplace_back();
+      } else {
+        pools_.emplace_back(static_cast<size_t>(g.num_pages),
+                            Tokens(static_cast<size_t>(config.page_size), -1));
+        states_.emplace_back();
+      }
+    }
+    cached_.resize(specs_.size());
     for (int i = 0; i < 3; ++i) system_prompts_.push_back(random_tokens(uniform(0, 3 * ps())));
   }
 
@@ -96,7 +129,7 @@ class Model {
     } else if (r < 92) {
       match();
     } else if (r < 95) {
-      preempt(uniform(0, config_.num_pages));
+      preempt(uniform(0, min_pool()));
     } else {
       refuse(pick());
     }
@@ -108,15 +141,70 @@ class Model {
  private:
   struct Seq {
     int extras = 0;
-    Tokens tokens;               // committed
-    Tokens todo;                 // prompt tokens still to commit
-    std::vector<int64_t> slots;  // reserved, not committed
+    Tokens tokens;  // committed
+    Tokens todo;    // prompt tokens still to commit
+    // Per group, reserved and not committed (empty for a recurrent group).
+    std::vector<std::vector<int64_t>> slots;
+    int64_t num_reserved = 0;
   };
 
   static constexpr int64_t kLayerGroup = 2;
   using KeyBytes = std::array<uint8_t, 32>;
 
   int64_t ps() const { return config_.page_size; }
+  size_t num_groups() const { return specs_.size(); }
+  bool recurrent(size_t g) const { return specs_[g].kind == LayerGroupKind::recurrent; }
+  bool sliding(size_t g) const { return specs_[g].kind == LayerGroupKind::sliding_window; }
+  // Pages of a sliding-window group wholly before [len - window, len).
+  int64_t out_of_window(size_t g, int64_t len) const {
+    return sliding(g) ? std::max<int64_t>(0, len - specs_[g].window) / ps() : 0;
+  }
+  // The fewest pages available (free + evictable) in any page group, and the smallest page pool.
+  int64_t min_available() const {
+    int64_t n = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) continue;
+      const auto gi = static_cast<int64_t>(g);
+      n = std::min(n, manager_->num_free_pages(gi) + manager_->num_evictable_pages(gi));
+    }
+    return n;
+  }
+  int64_t min_pool() const {
+    int64_t n = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (!recurrent(g)) n = std::min(n, specs_[g].num_pages);
+    }
+    return n;
+  }
+  // State slots available (free + evictable) in the emptiest recurrent group; INT64_MAX if none.
+  int64_t min_state_slots() const {
+    int64_t n = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (!recurrent(g)) continue;
+      const auto gi = static_cast<int64_t>(g);
+      n = std::min(n, manager_->num_free_pages(gi) + manager_->num_evictable_pages(gi));
+    }
+    return n;
+  }
+  // The caller's part for the recurrent group: run the state copies in order (a reset for
+  // kNoStateSlot) before the model next reads or writes their destinations. (A StateCopy names no
+  // group, so the configurations have at most one recurrent group.)
+  void apply_state_copies() {
+    const std::span<const StateCopy> copies = manager_->pending_state_copies();
+    for (const StateCopy& c : copies) {
+      ASSERT_GE(recurrent_group_, 0) << "state copy without a recurrent group";
+      std::vector<uint64_t>& st = states_[static_cast<size_t>(recurrent_group_)];
+      ASSERT_GE(c.dst, 0);
+      ASSERT_LT(c.dst, static_cast<int64_t>(st.size()));
+      ASSERT_NE(c.src, c.dst);
+      ASSERT_TRUE(c.src == kNoStateSlot || (c.src >= 0 && c.src < static_cast<int64_t>(st.size())))
+          << c.src;
+      st[static_cast<size_t>(c.dst)] =
+          c.src == kNoStateSlot ? kInitialState : st[static_cast<size_t>(c.src)];
+    }
+    num_state_copies_ += static_cast<int64_t>(copies.size());
+    manager_->clear_pending_state_copies();
+  }
   std::vector<PageKey> keys_of(const Tokens& tokens, int e) const {
     std::vector<PageKey> keys;
     EXPECT_OK(page_keys(hash_, fingerprint_, tokens, kExtras[e], &keys));
@@ -156,7 +244,11 @@ class Model {
       ASSERT_TRUE(committed_.count({e, Tokens(prompt.begin(), prompt.begin() + hit)}))
           << "hit of " << hit << " tokens was never committed under these extras";
     }
-    if (!exact || !config_.caching || config_.weak_hash || manager_->stats().evictions > 0) return;
+    // (A recurrent group checkpoints only where a commit ended, so its hits may be shorter.)
+    if (!exact || !config_.caching || config_.weak_hash || recurrent_group_ >= 0 ||
+        manager_->stats().evictions > 0) {
+      return;
+    }
     int64_t best = 0;
     for (int64_t k = ps(); k <= cap; k += ps()) {
       if (!committed_.count({e, Tokens(prompt.begin(), prompt.begin() + k)})) break;
@@ -171,17 +263,34 @@ class Model {
     const int e = static_cast<int>(uniform(0, kNumExtras - 1));
     const Tokens prompt = random_prompt();
     const int64_t matched = value_or_fail(manager_->match_prefix(prompt, kExtras[e]));
+    const int64_t slots_before = min_state_slots();
+    const auto before = observe(-1);
     // The scheduler may hand over the keys a router computed.
-    const int64_t hit =
-        uniform(0, 1) == 0
-            ? value_or_fail(manager_->add(id, prompt, kExtras[e]))
-            : value_or_fail(manager_->add(id, prompt, keys_of(prompt, e), kExtras[e]));
+    const Result<int64_t> r = uniform(0, 1) == 0
+                                  ? manager_->add(id, prompt, kExtras[e])
+                                  : manager_->add(id, prompt, keys_of(prompt, e), kExtras[e]);
+    if (!r.ok()) {
+      // Only when a recurrent group lacks a slot (besides the checkpoint a hit restores).
+      ASSERT_TRUE(has_error(r, Code::resource_exhausted, "no state slot"))
+          << r.status().to_string();
+      ASSERT_LE(slots_before, 1);
+      ASSERT_FALSE(manager_->contains(id));
+      ASSERT_EQ(observe(-1), before);
+      ++num_slot_exhausted_;
+      return;
+    }
+    const int64_t hit = *r;
     ASSERT_EQ(hit, matched);
     check_hit(prompt, e, hit, true);
     Seq& s = seqs_[id];
     s.extras = e;
+    s.slots.resize(num_groups());
     s.tokens.assign(prompt.begin(), prompt.begin() + hit);
     s.todo.assign(prompt.begin() + hit, prompt.end());
+    // The live state is restored from a checkpoint (or reset); check() compares it with the
+    // hash of the hit's tokens.
+    apply_state_copies();
+    if (hit > 0 && recurrent_group_ >= 0) ++num_state_restores_;
   }
 
   void reserve_commit(SeqId id) {
@@ -193,29 +302,64 @@ class Model {
     const int64_t n = s.todo.empty() ? uniform(0, 2 * ps() + 1)
                                      : std::min<int64_t>(static_cast<int64_t>(s.todo.size()),
                                                          uniform(1, 3 * ps()));
+    const int64_t len = static_cast<int64_t>(s.tokens.size());
+    // The page each group writes into first: a copy-on-write replaces it.
+    std::vector<PageId> first_write(num_groups(), kNullPage);
+    if (n > 0 && len % ps() != 0) {
+      for (size_t g = 0; g < num_groups(); ++g) {
+        if (!recurrent(g)) first_write[g] = table_of(id, g)[static_cast<size_t>(len / ps())];
+      }
+    }
     const auto before = observe(id);
+    const int64_t cow_before = manager_->stats().cow_copies;
     const Result<std::span<const int64_t>> r = manager_->reserve(id, n);
     if (!r.ok()) {
       ASSERT_TRUE(has_error(r, Code::resource_exhausted, "BlockManager.reserve"));
       ASSERT_EQ(observe(id), before);
       ++num_exhausted_;
       // The scheduler preempts others for what this sequence's pages would take.
-      preempt(std::min(config_.num_pages, manager_->num_free_pages() +
-                                              manager_->num_evictable_pages() + uniform(1, 2)));
+      preempt(std::min(min_pool(), min_available() + uniform(1, 2)));
       return;
     }
-    s.slots.assign(r->begin(), r->end());
-    const int64_t len = static_cast<int64_t>(s.tokens.size());
-    const auto table = value_or_fail(manager_->page_table(id));
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = len + i;
-      ASSERT_EQ(s.slots[static_cast<size_t>(i)],
-                table[static_cast<size_t>(pos / ps())] * ps() + pos % ps());
+    ASSERT_EQ(static_cast<int64_t>(r->size()), recurrent(0) ? 0 : n);
+    s.num_reserved = n;
+    // The caller's part: run the copies before this step's writes. A PageCopy names no group:
+    // each page group whose first written page changed owes exactly one, {old page, new page}.
+    std::vector<PageCopy> copies(manager_->pending_copies().begin(),
+                                 manager_->pending_copies().end());
+    ASSERT_EQ(manager_->stats().cow_copies - cow_before, static_cast<int64_t>(copies.size()));
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) {
+        ASSERT_TRUE(value_or_fail(manager_->reserved_slots(static_cast<int64_t>(g))).empty());
+        continue;
+      }
+      const std::span<const PageId> table = table_of(id, g);
+      const std::span<const int64_t> slots =
+          value_or_fail(manager_->reserved_slots(static_cast<int64_t>(g)));
+      ASSERT_EQ(static_cast<int64_t>(slots.size()), n) << "group " << g;
+      if (g == 0) {
+        ASSERT_TRUE(std::equal(r->begin(), r->end(), slots.begin()));
+      }
+      s.slots[g].assign(slots.begin(), slots.end());
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = len + i;
+        ASSERT_NE(table[static_cast<size_t>(pos / ps())], kNullPage) << "group " << g;
+        ASSERT_EQ(slots[static_cast<size_t>(i)],
+                  table[static_cast<size_t>(pos / ps())] * ps() + pos % ps())
+            << "group " << g;
+      }
+      if (first_write[g] == kNullPage) continue;
+      const PageId now = table[static_cast<size_t>(len / ps())];
+      if (now == first_write[g]) continue;
+      const PageCopy want{first_write[g], now};
+      const auto it = std::find(copies.begin(), copies.end(), want);
+      ASSERT_NE(it, copies.end()) << "group " << g << " page " << want.src << " replaced by "
+                                  << want.dst << " without a copy";
+      copies.erase(it);
+      std::vector<Tokens>& pool = pools_[g];
+      pool[static_cast<size_t>(want.dst)] = pool[static_cast<size_t>(want.src)];
     }
-    // The caller's part: run the copies in order, before this step's writes.
-    for (const PageCopy& c : manager_->pending_copies()) {
-      pages_[static_cast<size_t>(c.dst)] = pages_[static_cast<size_t>(c.src)];
-    }
+    ASSERT_TRUE(copies.empty()) << copies.size() << " copies no group's page table explains";
     num_copies_ += static_cast<int64_t>(manager_->pending_copies().size());
     manager_->clear_pending_copies();
     // Commit all, some or none of the reservation.
@@ -231,13 +375,24 @@ class Model {
 
   void commit(SeqId id, const Tokens& t) {
     Seq& s = seqs_[id];
-    ASSERT_OK(manager_->commit(id, t));
-    const int64_t old = static_cast<int64_t>(s.tokens.size());
-    for (size_t i = 0; i < t.size(); ++i) {
-      const int64_t slot = s.slots[i];
-      pages_[static_cast<size_t>(slot / ps())][static_cast<size_t>(slot % ps())] = t[i];
+    // The model consumes the tokens (the live state moves) before commit() checkpoints it.
+    if (recurrent_group_ >= 0) {
+      const StateSlot live = value_or_fail(manager_->state_slot(id, recurrent_group_));
+      uint64_t& st = states_[static_cast<size_t>(recurrent_group_)][static_cast<size_t>(live)];
+      for (int32_t tok : t) st = step_state(st, tok);
     }
-    s.slots.erase(s.slots.begin(), s.slots.begin() + static_cast<ptrdiff_t>(t.size()));
+    ASSERT_OK(manager_->commit(id, t));
+    apply_state_copies();
+    const int64_t old = static_cast<int64_t>(s.tokens.size());
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) continue;
+      for (size_t i = 0; i < t.size(); ++i) {
+        const int64_t slot = s.slots[g][i];
+        pools_[g][static_cast<size_t>(slot / ps())][static_cast<size_t>(slot % ps())] = t[i];
+      }
+      s.slots[g].erase(s.slots[g].begin(), s.slots[g].begin() + static_cast<ptrdiff_t>(t.size()));
+    }
+    s.num_reserved -= static_cast<int64_t>(t.size());
     s.tokens.insert(s.tokens.end(), t.begin(), t.end());
     const int64_t len = static_cast<int64_t>(s.tokens.size());
     if (len / ps() == old / ps()) return;
@@ -253,20 +408,50 @@ class Model {
     }
   }
 
+  // Any n in [0, len] without groups; a recurrent group cannot roll back, and a sliding-window
+  // group keeps only pages it still holds.
   void truncate(SeqId id) {
     Seq& s = seqs_[id];
-    const int64_t n = uniform(0, static_cast<int64_t>(s.tokens.size()));
+    const int64_t len = static_cast<int64_t>(s.tokens.size());
+    int64_t lowest = recurrent_group_ >= 0 ? len : 0;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const int64_t released = out_of_window(g, len);
+      if (released > 0) lowest = std::max(lowest, released * ps() + specs_[g].window);
+    }
+    lowest = std::min(lowest, len);
+    const int64_t n = uniform(0, 1) == 0 ? uniform(lowest, len) : uniform(0, len);
+    if (n < lowest) {
+      const auto before = observe(id);
+      ASSERT_TRUE(has_error(manager_->truncate(id, n), Code::invalid_argument,
+                            "BlockManager.truncate: n is " + std::to_string(n)))
+          << "n " << n << " lowest " << lowest;
+      ASSERT_EQ(observe(id), before);
+      ++num_truncate_refused_;
+      return;
+    }
     ASSERT_OK(manager_->truncate(id, n));
     s.tokens.resize(static_cast<size_t>(n));
-    s.slots.clear();
+    for (auto& slots : s.slots) slots.clear();
+    s.num_reserved = 0;
     s.todo.clear();  // a rolled back sequence decodes from here
   }
 
   void fork(SeqId parent) {
     const SeqId child = next_id_++;
-    ASSERT_OK(manager_->fork(parent, child));
+    const int64_t slots_before = min_state_slots();
+    const auto before = observe(parent);
+    const Status st = manager_->fork(parent, child);
+    if (!st.ok()) {
+      ASSERT_TRUE(has_error(st, Code::resource_exhausted, "no state slot")) << st.to_string();
+      ASSERT_EQ(slots_before, 0);
+      ASSERT_EQ(observe(parent), before);
+      ++num_slot_exhausted_;
+      return;
+    }
+    apply_state_copies();  // the parent's live state to the child's slot
     Seq c = seqs_[parent];
-    c.slots.clear();
+    for (auto& slots : c.slots) slots.clear();
+    c.num_reserved = 0;
     seqs_[child] = std::move(c);
   }
 
@@ -291,8 +476,9 @@ class Model {
     check_hit(prompt, e, wrong_hit, false);
   }
 
-  // Plans to free enough sequences (in a random priority order) for `need` pages, checks the
-  // plan is pure, then carries it out and checks it was the shortest that suffices.
+  // Plans to free enough sequences (in a random priority order) for `need` pages in every page
+  // group, checks the plan is pure, then carries it out and checks it was the shortest that
+  // suffices.
   void preempt(int64_t need) {
     std::vector<SeqId> order;
     for (const auto& [id, s] : seqs_) {
@@ -302,49 +488,53 @@ class Model {
     const auto before = observe(-1);
     const Result<std::vector<SeqId>> plan = manager_->plan_preemption(need, order);
     ASSERT_EQ(observe(-1), before);
-    const auto available = [&] {
-      return manager_->num_free_pages() + manager_->num_evictable_pages();
-    };
     if (!plan.ok()) {
       ASSERT_TRUE(has_error(plan, Code::resource_exhausted, "BlockManager.plan_preemption"));
       for (SeqId v : order) free(v);
-      ASSERT_LT(available(), need);
+      ASSERT_LT(min_available(), need);
       ++num_preempt_exhausted_;
       return;
     }
     ASSERT_LE(plan->size(), order.size());
     ASSERT_TRUE(std::equal(plan->begin(), plan->end(), order.begin()));
     for (SeqId v : *plan) {
-      ASSERT_LT(available(), need) << "a shorter plan would do";
+      ASSERT_LT(min_available(), need) << "a shorter plan would do";
       free(v);
     }
-    ASSERT_GE(available(), need);
+    ASSERT_GE(min_available(), need);
     if (!plan->empty()) ++num_preemptions_;
   }
 
-  // Replays the queued events onto the model's view of the index, then checks it against the
-  // manager: the same number of keys, each of them cached.
+  // Replays the queued events onto the model's view of each group's index, then checks it
+  // against the manager: the same number of keys per group, group 0's each cached.
   void drain_events() {
     for (const PageEvent& e : manager_->events()) {
       ASSERT_EQ(e.num_tokens, ps());
-      ASSERT_EQ(e.layer_group, kLayerGroup);
+      ASSERT_GE(e.layer_group, kLayerGroup);
+      ASSERT_LT(e.layer_group, kLayerGroup + static_cast<int64_t>(num_groups()));
+      auto& cached = cached_[static_cast<size_t>(e.layer_group - kLayerGroup)];
       if (e.kind == PageEventKind::cached) {
         ASSERT_TRUE(committed_keys_.count({e.key.bytes, e.parent.bytes}))
             << "cached event for a page never committed: " << e.key.hex();
-        ASSERT_TRUE(cached_.emplace(e.key.bytes, e.parent.bytes).second)
+        ASSERT_TRUE(cached.emplace(e.key.bytes, e.parent.bytes).second)
             << "cached twice: " << e.key.hex();
       } else {
-        const auto it = cached_.find(e.key.bytes);
-        ASSERT_NE(it, cached_.end()) << "evicted but not cached: " << e.key.hex();
+        const auto it = cached.find(e.key.bytes);
+        ASSERT_NE(it, cached.end()) << "evicted but not cached: " << e.key.hex();
         ASSERT_EQ(it->second, e.parent.bytes);
-        cached_.erase(it);
+        cached.erase(it);
         ++num_evicted_events_;
       }
     }
     manager_->clear_events();
     ASSERT_EQ(num_evicted_events_, manager_->stats().evictions);
-    ASSERT_EQ(static_cast<int64_t>(cached_.size()), manager_->num_cached_pages());
-    for (const auto& [key, parent] : cached_) {
+    for (size_t g = 0; g < num_groups(); ++g) {
+      ASSERT_EQ(static_cast<int64_t>(cached_[g].size()),
+                manager_->num_cached_pages(static_cast<int64_t>(g)))
+          << "group " << g;
+    }
+    ASSERT_EQ(manager_->num_cached_pages(), manager_->num_cached_pages(0));
+    for (const auto& [key, parent] : cached_[0]) {
       PageKey k;
       k.bytes = key;
       ASSERT_TRUE(manager_->is_cached(k)) << k.hex();
@@ -355,9 +545,9 @@ class Model {
   void refuse(SeqId id) {
     Seq& s = seqs_[id];
     const auto before = observe(id);
-    const Tokens too_many(s.slots.size() + 1, 7);
+    const Tokens too_many(static_cast<size_t>(s.num_reserved) + 1, 7);
     ASSERT_TRUE(has_error(manager_->commit(id, too_many), Code::invalid_argument,
-                          "expected at most " + std::to_string(s.slots.size()) + " reserved"));
+                          "expected at most " + std::to_string(s.num_reserved) + " reserved"));
     ASSERT_TRUE(has_error(manager_->truncate(id, static_cast<int64_t>(s.tokens.size()) + 1),
                           Code::invalid_argument, "BlockManager.truncate"));
     ASSERT_TRUE(has_error(manager_->fork(id, id), Code::invalid_argument, "exists"));
@@ -371,55 +561,101 @@ class Model {
     ASSERT_TRUE(has_error(manager_->plan_preemption(1, twice), Code::invalid_argument, "repeats"));
     const SeqId unknown[] = {id, next_id_};
     ASSERT_TRUE(has_error(manager_->plan_preemption(1, unknown), Code::not_found, "unknown"));
+    const auto bad_group = static_cast<int64_t>(num_groups());
+    ASSERT_TRUE(has_error(manager_->page_table(id, bad_group), Code::invalid_argument, "group"));
+    ASSERT_TRUE(has_error(manager_->reserved_slots(-1), Code::invalid_argument, "group"));
     ASSERT_EQ(observe(id), before);
   }
 
-  // What a refusal must leave alone.
+  std::span<const PageId> table_of(SeqId id, size_t g) const {
+    return value_or_fail(manager_->page_table(id, static_cast<int64_t>(g)));
+  }
+
+  // What a refusal must leave alone, per group.
   struct Observed {
-    std::vector<PageId> table;
+    std::vector<std::vector<PageId>> tables;
+    StateSlot live = kNoStateSlot;
     int64_t num_tokens = 0;
     int64_t num_reserved = 0;
-    int64_t num_free = 0;
-    int64_t num_cached = 0;
-    int64_t num_used = 0;
+    std::vector<int64_t> counts;  // free, cached, evictable, used per group
     BlockManagerStats stats;
     size_t num_events = 0;
+    size_t num_copies = 0;
+    size_t num_state_copies = 0;
+    int64_t num_sequences = 0;
     bool operator==(const Observed&) const = default;
   };
   Observed observe(SeqId id) const {
     Observed o;
     if (id >= 0) {
-      const auto t = value_or_fail(manager_->page_table(id));
-      o.table.assign(t.begin(), t.end());
+      for (size_t g = 0; g < num_groups(); ++g) {
+        const auto t = table_of(id, g);
+        o.tables.emplace_back(t.begin(), t.end());
+      }
+      if (recurrent_group_ >= 0) o.live = value_or_fail(manager_->state_slot(id, recurrent_group_));
       o.num_tokens = value_or_fail(manager_->num_tokens(id));
       o.num_reserved = value_or_fail(manager_->num_reserved(id));
     }
-    o.num_free = manager_->num_free_pages();
-    o.num_cached = manager_->num_cached_pages();
-    o.num_used = manager_->num_used_pages();
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const auto gi = static_cast<int64_t>(g);
+      o.counts.push_back(manager_->num_free_pages(gi));
+      o.counts.push_back(manager_->num_cached_pages(gi));
+      o.counts.push_back(manager_->num_evictable_pages(gi));
+      o.counts.push_back(manager_->num_used_pages(gi));
+    }
     o.stats = manager_->stats();
     o.num_events = manager_->events().size();
+    o.num_copies = manager_->pending_copies().size();
+    o.num_state_copies = manager_->pending_state_copies().size();
+    o.num_sequences = manager_->num_sequences();
     return o;
   }
 
   void check() {
     ASSERT_OK(manager_->check_invariants());
     ASSERT_EQ(manager_->num_sequences(), static_cast<int64_t>(seqs_.size()));
-    ASSERT_EQ(
-        manager_->num_free_pages() + manager_->num_evictable_pages() + manager_->num_used_pages(),
-        config_.num_pages);
+    ASSERT_EQ(manager_->num_groups(), static_cast<int64_t>(num_groups()));
+    ASSERT_TRUE(manager_->pending_state_copies().empty());
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const auto gi = static_cast<int64_t>(g);
+      ASSERT_EQ(manager_->num_free_pages(gi) + manager_->num_evictable_pages(gi) +
+                    manager_->num_used_pages(gi),
+                specs_[g].num_pages)
+          << "group " << g;
+      if (recurrent(g)) {
+        // One live slot per sequence; checkpoints are unreferenced.
+        ASSERT_EQ(manager_->num_used_pages(gi), static_cast<int64_t>(seqs_.size()));
+      }
+    }
+    std::set<StateSlot> live_slots;
     for (const auto& [id, s] : seqs_) {
       const int64_t len = static_cast<int64_t>(s.tokens.size());
       ASSERT_EQ(value_or_fail(manager_->num_tokens(id)), len) << "sequence " << id;
-      ASSERT_EQ(value_or_fail(manager_->num_reserved(id)), static_cast<int64_t>(s.slots.size()));
-      const auto table = value_or_fail(manager_->page_table(id));
-      const int64_t end = len + static_cast<int64_t>(s.slots.size());
-      ASSERT_EQ(static_cast<int64_t>(table.size()), (end + ps() - 1) / ps());
-      for (int64_t i = 0; i < len; ++i) {
-        const PageId page = table[static_cast<size_t>(i / ps())];
-        ASSERT_EQ(pages_[static_cast<size_t>(page)][static_cast<size_t>(i % ps())],
-                  s.tokens[static_cast<size_t>(i)])
-            << "sequence " << id << " token " << i << " (page " << page << ")";
+      ASSERT_EQ(value_or_fail(manager_->num_reserved(id)), s.num_reserved);
+      const int64_t end = len + s.num_reserved;
+      for (size_t g = 0; g < num_groups(); ++g) {
+        const auto table = table_of(id, g);
+        if (recurrent(g)) {
+          ASSERT_TRUE(table.empty());
+          const StateSlot live = value_or_fail(manager_->state_slot(id, static_cast<int64_t>(g)));
+          ASSERT_TRUE(live_slots.insert(live).second) << "live slot " << live << " shared";
+          ASSERT_EQ(states_[g][static_cast<size_t>(live)], recompute(s.tokens))
+              << "sequence " << id << " live state (slot " << live << ") after " << len
+              << " tokens";
+          continue;
+        }
+        ASSERT_EQ(static_cast<int64_t>(table.size()), (end + ps() - 1) / ps()) << "group " << g;
+        const int64_t released = out_of_window(g, len);
+        for (int64_t j = 0; j < static_cast<int64_t>(table.size()); ++j) {
+          ASSERT_EQ(table[static_cast<size_t>(j)] == kNullPage, j < released)
+              << "sequence " << id << " group " << g << " page " << j << " of " << len << " tokens";
+        }
+        for (int64_t i = released * ps(); i < len; ++i) {
+          const PageId page = table[static_cast<size_t>(i / ps())];
+          ASSERT_EQ(pools_[g][static_cast<size_t>(page)][static_cast<size_t>(i % ps())],
+                    s.tokens[static_cast<size_t>(i)])
+              << "sequence " << id << " group " << g << " token " << i << " (page " << page << ")";
+        }
       }
     }
   }
@@ -431,13 +667,20 @@ class Model {
   int64_t num_preemptions_ = 0;
   int64_t num_preempt_exhausted_ = 0;
   int64_t num_evicted_events_ = 0;
+  int64_t num_slot_exhausted_ = 0;  // add / fork refused for want of a state slot
+  int64_t num_truncate_refused_ = 0;
+  int64_t num_state_copies_ = 0;
+  int64_t num_state_restores_ = 0;  // hits with a recurrent group (a checkpoint restored)
   const BlockManager& manager() const { return *manager_; }
 
  private:
   Config config_;
   std::mt19937 rng_;
   std::unique_ptr<BlockManager> manager_;
-  std::vector<Tokens> pages_;  // the simulated pool: token id per slot
+  std::vector<LayerGroupSpec> specs_;          // the groups (one full group without groups)
+  std::vector<std::vector<Tokens>> pools_;     // per page group, token id per slot
+  std::vector<std::vector<uint64_t>> states_;  // per recurrent group, toy state per slot
+  int64_t recurrent_group_ = -1;
   std::map<SeqId, Seq> seqs_;
   std::set<std::pair<int, Tokens>> committed_;  // (extras, tokens [0, b)) for each full page b
   std::vector<Tokens> system_prompts_;
@@ -445,7 +688,7 @@ class Model {
   KeyFingerprint fingerprint_;
   KeyHashFn hash_;
   std::set<std::pair<KeyBytes, KeyBytes>> committed_keys_;  // (key, parent) of committed pages
-  std::map<KeyBytes, KeyBytes> cached_;                     // replayed events: key -> parent
+  std::vector<std::map<KeyBytes, KeyBytes>> cached_;  // per group, replayed events: key -> parent
 };
 
 // What the runs of one configuration went through, to show they reach the states under test.
@@ -457,6 +700,10 @@ struct Totals {
   int64_t evictions = 0;
   int64_t preemptions = 0;
   int64_t preempt_exhausted = 0;
+  int64_t slot_exhausted = 0;
+  int64_t truncate_refused = 0;
+  int64_t state_copies = 0;
+  int64_t state_restores = 0;
 };
 
 Totals run(const Config& config, int num_seeds, int num_steps) {
@@ -477,6 +724,10 @@ Totals run(const Config& config, int num_seeds, int num_steps) {
     t.evictions += model.manager().stats().evictions;
     t.preemptions += model.num_preemptions_;
     t.preempt_exhausted += model.num_preempt_exhausted_;
+    t.slot_exhausted += model.num_slot_exhausted_;
+    t.truncate_refused += model.num_truncate_refused_;
+    t.state_copies += model.num_state_copies_;
+    t.state_restores += model.num_state_restores_;
   }
   return t;
 }
@@ -504,6 +755,67 @@ TEST(BlockManagerModel, RandomOperationsMatchTheModel) {
       EXPECT_GT(t.hits, 0);
     }
     if (c.num_pages > 100) {
+      EXPECT_EQ(t.evictions, 0);
+      EXPECT_GT(t.exact_hits, 0);
+    } else {
+      EXPECT_GT(t.exhausted, 0);
+      if (c.caching) {
+        EXPECT_GT(t.evictions, 0);
+      }
+    }
+  }
+}
+
+std::string describe(const std::vector<LayerGroupSpec>& groups) {
+  std::string d;
+  for (const LayerGroupSpec& g : groups) {
+    d += std::string(" ") + name(g.kind) + "(" + std::to_string(g.num_pages) +
+         (g.kind == LayerGroupKind::sliding_window ? ", window " + std::to_string(g.window) : "") +
+         ")";
+  }
+  return d;
+}
+
+TEST(BlockManagerModel, HybridGroupsMatchTheModel) {
+  using K = LayerGroupKind;
+  const Config configs[] = {
+      // Small pools: exhaustion, evictions, state slots running out.
+      {0, 4, true, false, {{K::full, 14, 0}, {K::sliding_window, 10, 8}, {K::recurrent, 12, 0}}},
+      {0, 2, true, false, {{K::full, 12, 0}, {K::sliding_window, 8, 6}, {K::recurrent, 4, 0}}},
+      {0, 3, true, true, {{K::sliding_window, 8, 7}, {K::full, 12, 0}, {K::recurrent, 10, 0}}},
+      {0, 2, true, true, {{K::recurrent, 4, 0}, {K::full, 10, 0}, {K::sliding_window, 10, 4}}},
+      {0, 2, false, false, {{K::full, 10, 0}, {K::sliding_window, 8, 5}, {K::recurrent, 4, 0}}},
+      // Roomy, no recurrent group: nothing evicted, so every hit must be the longest.
+      {0, 4, true, false, {{K::full, 512, 0}, {K::sliding_window, 512, 10}}},
+  };
+  for (const Config& c : configs) {
+    SCOPED_TRACE("page_size " + std::to_string(c.page_size) +
+                 (c.caching ? " caching" : " no caching") + (c.weak_hash ? " weak hash" : "") +
+                 describe(c.groups));
+    const Totals t = run(c, 6, 500);
+    if (HasFatalFailure()) return;
+    bool has_recurrent = false;
+    bool few_slots = false;  // fewer state slots than the driver's 12 sequences
+    for (const LayerGroupSpec& g : c.groups) {
+      has_recurrent |= g.kind == LayerGroupKind::recurrent;
+      few_slots |= g.kind == LayerGroupKind::recurrent && g.num_pages <= 6;
+    }
+    EXPECT_GT(t.copies, 0);
+    EXPECT_GT(t.truncate_refused, 0);
+    // (With few state slots, live ones crowd the checkpoints out: hits are rare there.)
+    if (c.caching && !few_slots) {
+      EXPECT_GT(t.hits, 0);
+    }
+    if (has_recurrent) {
+      if (few_slots) {
+        EXPECT_GT(t.slot_exhausted, 0);
+      }
+      EXPECT_GT(t.state_copies, 0);
+      if (c.caching && !few_slots) {
+        EXPECT_GT(t.state_restores, 0);
+      }
+    }
+    if (c.groups[0].num_pages > 100) {
       EXPECT_EQ(t.evictions, 0);
       EXPECT_GT(t.exact_hits, 0);
     } else {
