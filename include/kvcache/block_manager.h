@@ -94,20 +94,23 @@ struct BlockManagerOptions {
   int64_t max_pages_per_seq_hint = 64;  // page-table capacity reserved per sequence at add()
 };
 
-// One page to copy before this step's writes: all page_size slots of src to dst.
+// One page to copy before this step's writes: all page_size slots of src to dst, in the pool of
+// layer group `group` (0 without groups).
 struct PageCopy {
   PageId src = 0;
   PageId dst = 0;
+  int32_t group = 0;
   friend bool operator==(const PageCopy&, const PageCopy&) = default;
 };
 
 // One state slot to copy (or, with src == kNoStateSlot, to reset) before the model next reads or
 // writes dst. Emitted by add() (restore a checkpoint or reset the new live slot), fork() (parent's
 // live slot to the child's) and commit() (live slot to a new checkpoint, after the model has
-// consumed the committed tokens). Apply in order.
+// consumed the committed tokens). Apply in order, in the state pool of recurrent group `group`.
 struct StateCopy {
   StateSlot src = kNoStateSlot;
   StateSlot dst = 0;
+  int32_t group = 0;
   friend bool operator==(const StateCopy&, const StateCopy&) = default;
 };
 

@@ -517,7 +517,7 @@ struct BlockManager::Rep {
     G.pool.set_cached(slot, true);
     G.index.insert(slot, G.meta);
     record(PageEventKind::cached, g, m);
-    state_copies.push_back({s.groups[g].slot, slot});
+    state_copies.push_back({s.groups[g].slot, slot, static_cast<int32_t>(g)});
     G.pool.unref(slot);  // nobody holds it: it waits in the LRU until a hit restores it
   }
 
@@ -608,7 +608,8 @@ struct BlockManager::Rep {
       if (G.recurrent()) {
         if (ckpts[g] != kNoPage) G.pool.ref(ckpts[g]);  // not to be evicted by the allocation
         sg.slot = r.allocate_page(g);
-        r.state_copies.push_back({ckpts[g] == kNoPage ? kNoStateSlot : ckpts[g], sg.slot});
+        r.state_copies.push_back(
+            {ckpts[g] == kNoPage ? kNoStateSlot : ckpts[g], sg.slot, static_cast<int32_t>(g)});
         if (ckpts[g] != kNoPage) G.pool.unref(ckpts[g]);
         continue;
       }
@@ -774,7 +775,7 @@ Result<std::span<const int64_t>> BlockManager::reserve(SeqId seq, int64_t n) {
     if (cow) {
       cow_src = sg.pages[i_write];
       const PageId dst = r.allocate_page(g);
-      r.copies.push_back({cow_src, dst});
+      r.copies.push_back({cow_src, dst, static_cast<int32_t>(g)});
       ++r.stats.cow_copies;
       sg.pages[i_write] = dst;
     }
@@ -897,7 +898,7 @@ Status BlockManager::fork(SeqId parent, SeqId child) {
     SeqGroup& cg = c.groups[g];
     if (G.recurrent()) {
       cg.slot = r.allocate_page(g);
-      r.state_copies.push_back({p->groups[g].slot, cg.slot});
+      r.state_copies.push_back({p->groups[g].slot, cg.slot, static_cast<int32_t>(g)});
       continue;
     }
     cg.pages.resize(

@@ -187,12 +187,13 @@ class Model {
     return n;
   }
   // The caller's part for the recurrent group: run the state copies in order (a reset for
-  // kNoStateSlot) before the model next reads or writes their destinations. (A StateCopy names no
-  // group, so the configurations have at most one recurrent group.)
+  // kNoStateSlot) before the model next reads or writes their destinations. The configurations
+  // have at most one recurrent group; every copy must name it.
   void apply_state_copies() {
     const std::span<const StateCopy> copies = manager_->pending_state_copies();
     for (const StateCopy& c : copies) {
       ASSERT_GE(recurrent_group_, 0) << "state copy without a recurrent group";
+      ASSERT_EQ(c.group, recurrent_group_);
       std::vector<uint64_t>& st = states_[static_cast<size_t>(recurrent_group_)];
       ASSERT_GE(c.dst, 0);
       ASSERT_LT(c.dst, static_cast<int64_t>(st.size()));
@@ -323,8 +324,8 @@ class Model {
     }
     ASSERT_EQ(static_cast<int64_t>(r->size()), recurrent(0) ? 0 : n);
     s.num_reserved = n;
-    // The caller's part: run the copies before this step's writes. A PageCopy names no group:
-    // each page group whose first written page changed owes exactly one, {old page, new page}.
+    // The caller's part: run the copies before this step's writes. Each page group whose first
+    // written page changed owes exactly one, {old page, new page, group}.
     std::vector<PageCopy> copies(manager_->pending_copies().begin(),
                                  manager_->pending_copies().end());
     ASSERT_EQ(manager_->stats().cow_copies - cow_before, static_cast<int64_t>(copies.size()));
@@ -351,7 +352,7 @@ class Model {
       if (first_write[g] == kNullPage) continue;
       const PageId now = table[static_cast<size_t>(len / ps())];
       if (now == first_write[g]) continue;
-      const PageCopy want{first_write[g], now};
+      const PageCopy want{first_write[g], now, static_cast<int32_t>(g)};
       const auto it = std::find(copies.begin(), copies.end(), want);
       ASSERT_NE(it, copies.end()) << "group " << g << " page " << want.src << " replaced by "
                                   << want.dst << " without a copy";
