@@ -1,20 +1,27 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
 // libFuzzer target: the input bytes are a small program for a BlockManager. The first bytes pick
 // the options (a tiny pool, page size 1..8, prefix caching on or off, sometimes a weak hash that
-// makes key collisions common); the rest is a sequence of operations on a handful of sequence ids
-// with prompts built from a few shared prefixes over a 4-token alphabet, so pages repeat and
-// prefix hits, duplicates, copy-on-write and exhaustion are all reached. Besides the sequence ops:
-// match_prefix, add/match_prefix with the prompt's keys given (right, wrong or miscounted),
-// plan_preemption (checked against a count from the page tables, sometimes carried out), page
-// events (replayed into the set of cached keys) and can_admit. Bad inputs (unknown ids,
-// over-commit, bad spans, negative counts, repeated victims) are sent on purpose.
+// makes key collisions common, and about half the time a hybrid list of 1..3 layer groups: full,
+// sliding_window with a window of 1..3 pages, or at most one recurrent group with a few state
+// slots); the rest is a sequence of operations on a handful of sequence ids with prompts built
+// from a few shared prefixes over a 4-token alphabet, so pages repeat and prefix hits, duplicates,
+// copy-on-write and exhaustion are all reached. Besides the sequence ops: match_prefix,
+// add/match_prefix with the prompt's keys given (right, wrong or miscounted), plan_preemption
+// (checked against a count from the page tables, sometimes carried out), page events (replayed
+// into the set of cached keys per group) and can_admit. Bad inputs (unknown ids, over-commit, bad
+// spans, negative counts, repeated victims, truncates a window or a state cannot undo, bad groups)
+// are sent on purpose.
 //
-// A shadow model keeps each sequence's tokens and reserved slots and a token id per pool slot
-// (commit writes the slots, pending copies run in order). After every operation: the manager's
-// own invariants hold, its counts agree, every live sequence's pages hold exactly its tokens, no
-// reserved slot overwrites a token another sequence reads, and every prefix hit is a run that was
-// committed under the same key extras. A refusal must change nothing. Any violation prints what
-// went wrong and traps, so libFuzzer saves the input.
+// A shadow model keeps each sequence's tokens and reserved slots, a token id per pool slot per
+// page group (commit writes the slots, pending copies run in order in their own group's pool) and
+// a toy state per slot per recurrent group (a running hash: commit steps the live slot before its
+// checkpoint copies run; a state copy from kNoStateSlot resets). After every operation: the
+// manager's own invariants hold, its counts agree per group, every live sequence's pages hold
+// exactly its tokens (sliding-window tables kNullPage exactly for pages wholly out of the window),
+// its live state is the hash of its tokens, no reserved slot overwrites a token another sequence
+// reads, and every prefix hit is a run that was committed under the same key extras. A refusal
+// must change nothing in any group. Any violation prints what went wrong and traps, so libFuzzer
+// saves the input.
 
 #include <algorithm>
 #include <array>
@@ -45,6 +52,17 @@ constexpr int kMaxOps = 200;
 constexpr int kNumIds = 8;        // sequence ids 0..7; others are always unknown
 constexpr int32_t kAlphabet = 4;  // token ids 0..3, so unrelated prompts share pages
 constexpr int64_t kMaxPrompt = 64;
+
+// A toy recurrent model: a state is a running hash of the tokens it consumed.
+constexpr uint64_t kInitialState = 0x9e3779b97f4a7c15ULL;
+uint64_t step_state(uint64_t state, int32_t token) {
+  return (state ^ static_cast<uint64_t>(token)) * 0x100000001b3ULL + 7;
+}
+uint64_t recompute(const std::vector<int32_t>& tokens) {
+  uint64_t s = kInitialState;
+  for (int32_t t : tokens) s = step_state(s, t);
+  return s;
+}
 
 [[noreturn]] __attribute__((format(printf, 1, 2))) void fail(const char* fmt, ...) {
   va_list args;
@@ -99,18 +117,17 @@ PageKey weak_key(uint64_t v) {
   return k;
 }
 
-// What a refusal must leave alone.
+// What a refusal must leave alone, per group.
 struct Observed {
-  std::vector<PageId> table;
+  std::vector<std::vector<PageId>> tables;  // per group
+  std::vector<StateSlot> live;              // per group (kNoStateSlot for a page group)
   int64_t num_tokens = -1;
   int64_t num_reserved = -1;
   bool contains = false;
   int64_t num_sequences = 0;
-  int64_t num_free = 0;
-  int64_t num_cached = 0;
-  int64_t num_evictable = 0;
-  int64_t num_used = 0;
+  std::vector<int64_t> counts;  // free, cached, evictable, used per group
   size_t num_copies = 0;
+  size_t num_state_copies = 0;
   size_t num_events = 0;
   BlockManagerStats stats;
   bool operator==(const Observed&) const = default;
@@ -124,6 +141,7 @@ class Fuzzer {
     if (!configure()) return;
     for (int op = 0; op < kMaxOps && in_.remaining_bytes() > 0; ++op) {
       step();
+      apply_state_copies();
       check();
     }
   }
@@ -131,9 +149,10 @@ class Fuzzer {
  private:
   struct Seq {
     int extras = 0;
-    Tokens tokens;               // committed
-    Tokens todo;                 // prompt tokens not yet committed
-    std::vector<int64_t> slots;  // reserved, not committed
+    Tokens tokens;                            // committed
+    Tokens todo;                              // prompt tokens not yet committed
+    std::vector<std::vector<int64_t>> slots;  // per group, reserved, not committed
+    int64_t reserved = 0;
   };
 
   bool configure() {
@@ -142,7 +161,41 @@ class Fuzzer {
     o.page_size = in_.ConsumeIntegralInRange<int64_t>(1, 8);
     o.enable_prefix_caching = in_.ConsumeIntegralInRange<int>(0, 3) != 0;
     o.record_events = in_.ConsumeBool();
-    o.watermark_pages = in_.ConsumeIntegralInRange<int64_t>(0, o.num_pages);
+    // About half the inputs: 1..3 layer groups, at least one with pages, at most one recurrent.
+    const int hybrid = in_.ConsumeIntegralInRange<int>(0, 5);
+    const int num_groups = hybrid < 3 ? 0 : hybrid - 2;
+    bool have_recurrent = false;
+    bool have_pages = false;
+    for (int g = 0; g < num_groups; ++g) {
+      auto kind = static_cast<LayerGroupKind>(in_.ConsumeIntegralInRange<int>(0, 2));
+      if (kind == LayerGroupKind::recurrent &&
+          (have_recurrent || (g + 1 == num_groups && !have_pages))) {
+        kind = LayerGroupKind::full;
+      }
+      LayerGroupSpec spec;
+      spec.kind = kind;
+      if (kind == LayerGroupKind::recurrent) {
+        have_recurrent = true;
+        spec.num_pages = in_.ConsumeIntegralInRange<int64_t>(1, 6);
+      } else {
+        have_pages = true;
+        spec.num_pages = in_.ConsumeIntegralInRange<int64_t>(1, 24);
+      }
+      if (kind == LayerGroupKind::sliding_window) {
+        spec.window = in_.ConsumeIntegralInRange<int64_t>(1, 3 * o.page_size);
+      }
+      o.groups.push_back(spec);
+    }
+    specs_ = o.groups;
+    if (specs_.empty()) specs_.push_back({LayerGroupKind::full, o.num_pages, 0});
+    min_pool_ = INT64_MAX;
+    max_pool_ = 0;
+    for (const LayerGroupSpec& g : specs_) {
+      if (g.kind == LayerGroupKind::recurrent) continue;
+      min_pool_ = std::min(min_pool_, g.num_pages);
+      max_pool_ = std::max(max_pool_, g.num_pages);
+    }
+    o.watermark_pages = in_.ConsumeIntegralInRange<int64_t>(0, min_pool_);
     o.max_pages_per_seq_hint = in_.ConsumeIntegralInRange<int64_t>(0, 4);
     o.fingerprint = KeyFingerprint{"fuzz-model", "f16", o.page_size, 0};
     const int hash = in_.ConsumeIntegralInRange<int>(0, 4);
@@ -166,9 +219,85 @@ class Fuzzer {
     manager_ = std::move(*m);
     options_ = o;
     ps_ = o.page_size;
-    pages_.assign(static_cast<size_t>(o.num_pages), Tokens(static_cast<size_t>(ps_), -1));
+    pools_.assign(specs_.size(), {});
+    states_.assign(specs_.size(), {});
+    cached_keys_.assign(specs_.size(), {});
+    for (size_t g = 0; g < specs_.size(); ++g) {
+      const auto n = static_cast<size_t>(specs_[g].num_pages);
+      if (recurrent(g)) {
+        // Stale states, so a missing reset or copy shows.
+        for (size_t i = 0; i < n; ++i) states_[g].push_back(0xdeadbeef00000000ULL + i);
+      } else {
+        pools_[g].assign(n, Tokens(static_cast<size_t>(ps_), -1));
+      }
+    }
     for (auto& p : prefixes_) p = random_tokens(in_.ConsumeIntegralInRange<int64_t>(0, 3 * ps_));
     return true;
+  }
+
+  size_t num_groups() const { return specs_.size(); }
+  bool recurrent(size_t g) const { return specs_[g].kind == LayerGroupKind::recurrent; }
+  bool has_recurrent() const {
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) return true;
+    }
+    return false;
+  }
+  // Pages of a sliding-window group wholly before [len - window, len).
+  int64_t out_of_window(size_t g, int64_t len) const {
+    if (specs_[g].kind != LayerGroupKind::sliding_window) return 0;
+    return std::max<int64_t>(0, len - specs_[g].window) / ps_;
+  }
+  int64_t available(size_t g) const {
+    const auto gi = static_cast<int64_t>(g);
+    return manager_->num_free_pages(gi) + manager_->num_evictable_pages(gi);
+  }
+  // The fewest pages available (free + evictable) in any page group.
+  int64_t min_available() const {
+    int64_t n = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (!recurrent(g)) n = std::min(n, available(g));
+    }
+    return n;
+  }
+  // State slots available in the emptiest recurrent group; INT64_MAX without one.
+  int64_t min_state_slots() const {
+    int64_t n = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) n = std::min(n, available(g));
+    }
+    return n;
+  }
+  std::span<const PageId> table_of(SeqId id, size_t g) const {
+    const auto t = manager_->page_table(id, static_cast<int64_t>(g));
+    FUZZ_CHECK(t.ok(), "page_table(%lld, %zu): %s", static_cast<long long>(id), g,
+               t.status().to_string().c_str());
+    return *t;
+  }
+  StateSlot live_slot(SeqId id, size_t g) const {
+    const auto s = manager_->state_slot(id, static_cast<int64_t>(g));
+    FUZZ_CHECK(s.ok(), "state_slot(%lld, %zu): %s", static_cast<long long>(id), g,
+               s.status().to_string().c_str());
+    FUZZ_CHECK(*s >= 0 && *s < specs_[g].num_pages, "live slot %d of group %zu", *s, g);
+    return *s;
+  }
+
+  // The caller's part for recurrent groups: run the state copies in order (a reset for
+  // kNoStateSlot), each in its own group.
+  void apply_state_copies() {
+    for (const StateCopy& c : manager_->pending_state_copies()) {
+      FUZZ_CHECK(c.group >= 0 && static_cast<size_t>(c.group) < num_groups() &&
+                     recurrent(static_cast<size_t>(c.group)),
+                 "state copy in group %d", c.group);
+      std::vector<uint64_t>& st = states_[static_cast<size_t>(c.group)];
+      const auto n = static_cast<StateSlot>(st.size());
+      FUZZ_CHECK(c.dst >= 0 && c.dst < n && c.src != c.dst &&
+                     (c.src == kNoStateSlot || (c.src >= 0 && c.src < n)),
+                 "bad state copy %d -> %d in group %d", c.src, c.dst, c.group);
+      st[static_cast<size_t>(c.dst)] =
+          c.src == kNoStateSlot ? kInitialState : st[static_cast<size_t>(c.src)];
+    }
+    manager_->clear_pending_state_copies();
   }
 
   Tokens random_tokens(int64_t n) {
@@ -222,24 +351,30 @@ class Fuzzer {
     Observed o;
     o.contains = manager_->contains(id);
     if (o.contains) {
-      const auto t = manager_->page_table(id);
-      FUZZ_CHECK(t.ok(), "page_table of a live sequence: %s", t.status().to_string().c_str());
-      o.table.assign(t->begin(), t->end());
+      for (size_t g = 0; g < num_groups(); ++g) {
+        const auto t = table_of(id, g);
+        o.tables.emplace_back(t.begin(), t.end());
+        o.live.push_back(recurrent(g) ? live_slot(id, g) : kNoStateSlot);
+      }
       o.num_tokens = *manager_->num_tokens(id);
       o.num_reserved = *manager_->num_reserved(id);
     }
     o.num_sequences = manager_->num_sequences();
-    o.num_free = manager_->num_free_pages();
-    o.num_cached = manager_->num_cached_pages();
-    o.num_evictable = manager_->num_evictable_pages();
-    o.num_used = manager_->num_used_pages();
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const auto gi = static_cast<int64_t>(g);
+      o.counts.push_back(manager_->num_free_pages(gi));
+      o.counts.push_back(manager_->num_cached_pages(gi));
+      o.counts.push_back(manager_->num_evictable_pages(gi));
+      o.counts.push_back(manager_->num_used_pages(gi));
+    }
     o.num_copies = manager_->pending_copies().size();
+    o.num_state_copies = manager_->pending_state_copies().size();
     o.num_events = manager_->events().size();
     o.stats = manager_->stats();
     return o;
   }
 
-  // A refused call: the right code, and nothing changed for `id` or the pool.
+  // A refused call: the right code, and nothing changed for `id` or any group's pool.
   void refused(const Status& st, Code code, const Observed& before, SeqId id, const char* op) {
     FUZZ_CHECK(!st.ok(), "%s succeeded, expected a refusal", op);
     FUZZ_CHECK(st.code() == code, "%s refused with %s, expected code %d", op,
@@ -293,6 +428,7 @@ class Fuzzer {
     const KeyMode mode = random_key_mode(e);
     const std::vector<PageKey> keys = keys_for(prompt, e, mode);
     const Observed before = observe(id);
+    const int64_t slots_before = min_state_slots();
     const Result<int64_t> matched = call_match(prompt, e, mode, keys);
     FUZZ_CHECK(observe(id) == before, "match_prefix changed the manager");
     const Result<int64_t> hit = call_add(id, prompt, e, mode, keys);
@@ -313,11 +449,18 @@ class Fuzzer {
       refused(hit.status(), Code::invalid_argument, before, id, "add (existing id)");
       return;
     }
-    FUZZ_CHECK(hit.ok(), "add: %s", hit.status().to_string().c_str());
+    if (!hit.ok()) {
+      // Only for want of a state slot (besides the checkpoint a hit restores).
+      FUZZ_CHECK(slots_before <= 1, "add refused (%s) with %lld state slots available",
+                 hit.status().to_string().c_str(), static_cast<long long>(slots_before));
+      return refused(hit.status(), Code::resource_exhausted, before, id, "add (state slot)");
+    }
+    FUZZ_CHECK(slots_before >= 1, "add took a state slot with none available");
     FUZZ_CHECK(*hit == *matched, "add hit %lld tokens, match_prefix said %lld",
                static_cast<long long>(*hit), static_cast<long long>(*matched));
     check_hit(prompt, e, *hit, mode != KeyMode::wrong);
-    for (int64_t j = 0; j < *hit / ps_ && mode == KeyMode::right; ++j) {
+    // (A recurrent group 0 caches checkpoints only where a commit ended.)
+    for (int64_t j = 0; j < *hit / ps_ && mode == KeyMode::right && !recurrent(0); ++j) {
       FUZZ_CHECK(manager_->is_cached(keys[static_cast<size_t>(j)]), "hit page %lld not cached",
                  static_cast<long long>(j));
     }
@@ -325,6 +468,8 @@ class Fuzzer {
     s.extras = e;
     s.tokens.assign(prompt.begin(), prompt.begin() + *hit);
     s.todo.assign(prompt.begin() + *hit, prompt.end());
+    s.slots.assign(num_groups(), {});
+    s.reserved = 0;
   }
 
   // A hit is whole pages, leaves the last prompt token, and is a run committed under the same
@@ -338,7 +483,8 @@ class Fuzzer {
     FUZZ_CHECK(hit == 0 || committed_.count({e, Tokens(prompt.begin(), prompt.begin() + hit)}),
                "hit of %lld tokens was never committed under extras %d",
                static_cast<long long>(hit), e);
-    if (!exact || !options_.enable_prefix_caching || weak_hash_ ||
+    // (A recurrent group checkpoints only where a commit ended, so its hits may be shorter.)
+    if (!exact || !options_.enable_prefix_caching || weak_hash_ || has_recurrent() ||
         manager_->stats().evictions > 0) {
       return;
     }
@@ -364,32 +510,69 @@ class Fuzzer {
     if (s == nullptr) return refused(r.status(), Code::not_found, before, id, "reserve (unknown)");
     if (n < 0) return refused(r.status(), Code::invalid_argument, before, id, "reserve (n < 0)");
     if (!r.ok()) {
-      // Only when even the most the call could need (a copy-on-write page included) is more
-      // than the free and evictable pages plus those the new reservation gives back.
+      // Only when, in some page group, even the most the call could need (a copy-on-write page
+      // included) is more than the free and evictable pages plus those the new reservation
+      // gives back.
       const int64_t len = static_cast<int64_t>(s->tokens.size());
-      const int64_t have = static_cast<int64_t>(before.table.size());
-      const int64_t need = (len + n + ps_ - 1) / ps_;
-      const int64_t most = std::max<int64_t>(0, need - have) + (n > 0 && len % ps_ != 0 ? 1 : 0);
-      const int64_t available =
-          before.num_free + before.num_evictable + std::max<int64_t>(0, have - need);
-      FUZZ_CHECK(most > available, "reserve(%lld) refused (%s) with %lld pages available",
-                 static_cast<long long>(n), r.status().to_string().c_str(),
-                 static_cast<long long>(available));
+      bool short_somewhere = false;
+      for (size_t g = 0; g < num_groups(); ++g) {
+        if (recurrent(g)) continue;
+        const int64_t have = static_cast<int64_t>(before.tables[g].size());
+        const int64_t need = (len + n + ps_ - 1) / ps_;
+        const int64_t most = std::max<int64_t>(0, need - have) + (n > 0 && len % ps_ != 0 ? 1 : 0);
+        const int64_t avail =
+            before.counts[g * 4] + before.counts[g * 4 + 2] + std::max<int64_t>(0, have - need);
+        short_somewhere = short_somewhere || most > avail;
+      }
+      FUZZ_CHECK(short_somewhere, "reserve(%lld) refused (%s) with pages available in every group",
+                 static_cast<long long>(n), r.status().to_string().c_str());
       return refused(r.status(), Code::resource_exhausted, before, id, "reserve");
     }
-    FUZZ_CHECK(static_cast<int64_t>(r->size()) == n, "reserve(%lld) gave %zu slots",
-               static_cast<long long>(n), r->size());
-    s->slots.assign(r->begin(), r->end());
-    // The caller's part: run the copies in order, before this step's writes.
+    FUZZ_CHECK(static_cast<int64_t>(r->size()) == (recurrent(0) ? 0 : n),
+               "reserve(%lld) gave %zu slots", static_cast<long long>(n), r->size());
+    const std::vector<int64_t> group0(r->begin(), r->end());
+    const int64_t len = static_cast<int64_t>(s->tokens.size());
+    s->reserved = n;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const auto slots = manager_->reserved_slots(static_cast<int64_t>(g));
+      FUZZ_CHECK(slots.ok(), "reserved_slots(%zu): %s", g, slots.status().to_string().c_str());
+      if (recurrent(g)) {
+        FUZZ_CHECK(slots->empty(), "recurrent group %zu reserved %zu slots", g, slots->size());
+        continue;
+      }
+      FUZZ_CHECK(static_cast<int64_t>(slots->size()) == n, "group %zu reserved %zu slots", g,
+                 slots->size());
+      FUZZ_CHECK(g != 0 || std::equal(group0.begin(), group0.end(), slots->begin()),
+                 "reserve() and reserved_slots(0) differ");
+      const std::span<const PageId> table = table_of(id, g);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = len + i;
+        const PageId page = table[static_cast<size_t>(pos / ps_)];
+        FUZZ_CHECK(page != kNullPage, "group %zu reserved into a null page", g);
+        const int64_t want = page * ps_ + pos % ps_;
+        FUZZ_CHECK((*slots)[static_cast<size_t>(i)] == want,
+                   "sequence %lld group %zu reserved slot %lld is %lld, page table says %lld",
+                   static_cast<long long>(id), g, static_cast<long long>(i),
+                   static_cast<long long>((*slots)[static_cast<size_t>(i)]),
+                   static_cast<long long>(want));
+      }
+      s->slots[g].assign(slots->begin(), slots->end());
+    }
+    // The caller's part: run the copies in order, each in its group's pool, before this step's
+    // writes.
     const std::span<const PageCopy> copies = manager_->pending_copies();
     FUZZ_CHECK(manager_->stats().cow_copies - copies_before == static_cast<int64_t>(copies.size()),
                "cow_copies counted %lld, %zu pending",
                static_cast<long long>(manager_->stats().cow_copies - copies_before), copies.size());
     for (const PageCopy& c : copies) {
-      FUZZ_CHECK(c.src >= 0 && c.src < options_.num_pages && c.dst >= 0 &&
-                     c.dst < options_.num_pages && c.src != c.dst,
-                 "bad copy %d -> %d", c.src, c.dst);
-      pages_[static_cast<size_t>(c.dst)] = pages_[static_cast<size_t>(c.src)];
+      FUZZ_CHECK(c.group >= 0 && static_cast<size_t>(c.group) < num_groups() &&
+                     !recurrent(static_cast<size_t>(c.group)),
+                 "page copy in group %d", c.group);
+      std::vector<Tokens>& pool = pools_[static_cast<size_t>(c.group)];
+      const auto np = static_cast<PageId>(pool.size());
+      FUZZ_CHECK(c.src >= 0 && c.src < np && c.dst >= 0 && c.dst < np && c.src != c.dst,
+                 "bad copy %d -> %d in group %d", c.src, c.dst, c.group);
+      pool[static_cast<size_t>(c.dst)] = pool[static_cast<size_t>(c.src)];
     }
     manager_->clear_pending_copies();
   }
@@ -397,7 +580,7 @@ class Fuzzer {
   void commit() {
     const SeqId id = random_id();
     Seq* s = find(id);
-    const int64_t reserved = s == nullptr ? 0 : static_cast<int64_t>(s->slots.size());
+    const int64_t reserved = s == nullptr ? 0 : s->reserved;
     // Mostly all or some of the reservation, sometimes one too many.
     int64_t k = in_.ConsumeIntegralInRange<int64_t>(0, reserved + 1);
     if (in_.ConsumeIntegralInRange<int>(0, 3) != 0) k = std::min(k, reserved);
@@ -412,12 +595,24 @@ class Fuzzer {
     if (s == nullptr) return refused(st, Code::not_found, before, id, "commit (unknown)");
     if (k > reserved) return refused(st, Code::invalid_argument, before, id, "commit (too many)");
     FUZZ_CHECK(st.ok(), "commit: %s", st.to_string().c_str());
-    const int64_t old = static_cast<int64_t>(s->tokens.size());
-    for (size_t i = 0; i < t.size(); ++i) {
-      const int64_t slot = s->slots[i];
-      pages_[static_cast<size_t>(slot / ps_)][static_cast<size_t>(slot % ps_)] = t[i];
+    // The model consumed the tokens (the live state moved) before commit's checkpoint copies run.
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (!recurrent(g)) continue;
+      uint64_t& state = states_[g][static_cast<size_t>(before.live[g])];
+      for (int32_t tok : t) state = step_state(state, tok);
     }
-    s->slots.erase(s->slots.begin(), s->slots.begin() + static_cast<ptrdiff_t>(t.size()));
+    apply_state_copies();
+    const int64_t old = static_cast<int64_t>(s->tokens.size());
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) continue;
+      std::vector<int64_t>& slots = s->slots[g];
+      for (size_t i = 0; i < t.size(); ++i) {
+        const int64_t slot = slots[i];
+        pools_[g][static_cast<size_t>(slot / ps_)][static_cast<size_t>(slot % ps_)] = t[i];
+      }
+      slots.erase(slots.begin(), slots.begin() + static_cast<ptrdiff_t>(t.size()));
+    }
+    s->reserved -= static_cast<int64_t>(t.size());
     s->todo.erase(s->todo.begin(),
                   s->todo.begin() + std::min<ptrdiff_t>(static_cast<ptrdiff_t>(t.size()),
                                                         static_cast<ptrdiff_t>(s->todo.size())));
@@ -437,9 +632,20 @@ class Fuzzer {
     const Status st = manager_->truncate(id, n);
     if (s == nullptr) return refused(st, Code::not_found, before, id, "truncate (unknown)");
     if (n < 0 || n > len) return refused(st, Code::invalid_argument, before, id, "truncate (n)");
+    // A recurrent state cannot roll back; a sliding window must still hold the window ending at n.
+    int64_t lowest = has_recurrent() ? len : 0;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const int64_t released = out_of_window(g, len);
+      if (released > 0) lowest = std::max(lowest, released * ps_ + specs_[g].window);
+    }
+    lowest = std::min(lowest, len);
+    if (n < lowest) {
+      return refused(st, Code::invalid_argument, before, id, "truncate (window or state)");
+    }
     FUZZ_CHECK(st.ok(), "truncate: %s", st.to_string().c_str());
     s->tokens.resize(static_cast<size_t>(n));
-    s->slots.clear();
+    for (auto& slots : s->slots) slots.clear();
+    s->reserved = 0;
     s->todo.clear();  // a rolled back sequence decodes from here
   }
 
@@ -448,15 +654,20 @@ class Fuzzer {
     const SeqId child = random_id();
     const Observed before = observe(parent);
     const Observed before_child = observe(child);
+    const int64_t slots_before = min_state_slots();
     const Status st = manager_->fork(parent, child);
     if (find(parent) == nullptr) return refused(st, Code::not_found, before, parent, "fork");
     if (find(child) != nullptr) {
       refused(st, Code::invalid_argument, before_child, child, "fork (child exists)");
       return;
     }
+    if (slots_before == 0) {
+      return refused(st, Code::resource_exhausted, before, parent, "fork (state slot)");
+    }
     FUZZ_CHECK(st.ok(), "fork: %s", st.to_string().c_str());
     Seq c = seqs_[parent];
-    c.slots.clear();
+    for (auto& slots : c.slots) slots.clear();
+    c.reserved = 0;
     seqs_[child] = std::move(c);
   }
 
@@ -486,25 +697,31 @@ class Fuzzer {
     check_hit(prompt, e, *hit, mode != KeyMode::wrong);
   }
 
-  // The pages freeing `victims` would make available: those no other sequence holds.
+  // The fewest pages, over page groups, that freeing `victims` would make available: those no
+  // other sequence holds.
   int64_t available_after(std::span<const SeqId> victims) const {
-    std::map<PageId, int64_t> refs;    // references of every live sequence
-    std::map<PageId, int64_t> victim;  // ... of the victims
-    for (const auto& [id, s] : seqs_) {
-      const bool is_victim = std::find(victims.begin(), victims.end(), id) != victims.end();
-      const std::span<const PageId> table = *manager_->page_table(id);
-      for (PageId p : table) {
-        ++refs[p];
-        if (is_victim) ++victim[p];
+    int64_t fewest = INT64_MAX;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) continue;
+      std::map<PageId, int64_t> refs;    // references of every live sequence
+      std::map<PageId, int64_t> victim;  // ... of the victims
+      for (const auto& [id, s] : seqs_) {
+        const bool is_victim = std::find(victims.begin(), victims.end(), id) != victims.end();
+        for (PageId p : table_of(id, g)) {
+          if (p == kNullPage) continue;
+          ++refs[p];
+          if (is_victim) ++victim[p];
+        }
       }
+      int64_t n = available(g);
+      for (const auto& [p, k] : victim) n += k == refs[p] ? 1 : 0;
+      fewest = std::min(fewest, n);
     }
-    int64_t n = manager_->num_free_pages() + manager_->num_evictable_pages();
-    for (const auto& [p, k] : victim) n += k == refs[p] ? 1 : 0;
-    return n;
+    return fewest;
   }
 
   void plan_preemption() {
-    const int64_t need = in_.ConsumeIntegralInRange<int64_t>(-1, options_.num_pages + 1);
+    const int64_t need = in_.ConsumeIntegralInRange<int64_t>(-1, max_pool_ + 1);
     std::vector<SeqId> victims;
     const int num = in_.ConsumeIntegralInRange<int>(0, kNumIds);
     for (int i = 0; i < num; ++i) victims.push_back(random_id());
@@ -547,12 +764,12 @@ class Fuzzer {
         FUZZ_CHECK(manager_->free(id).ok(), "free of a planned victim");
         seqs_.erase(id);
       }
-      FUZZ_CHECK(manager_->num_free_pages() + manager_->num_evictable_pages() >= need,
-                 "the planned preemption freed too little");
+      FUZZ_CHECK(min_available() >= need, "the planned preemption freed too little");
     }
   }
 
-  // Const queries: unknown ids are not_found, can_admit follows the free and evictable counts.
+  // Const queries: unknown ids are not_found, bad groups invalid_argument, can_admit follows the
+  // free and evictable counts of every page group and the state slots of every recurrent one.
   void queries() {
     const SeqId id = random_id();
     const Observed before = observe(id);
@@ -560,17 +777,34 @@ class Fuzzer {
       FUZZ_CHECK(manager_->page_table(id).status().code() == Code::not_found, "page_table");
       FUZZ_CHECK(manager_->num_tokens(id).status().code() == Code::not_found, "num_tokens");
       FUZZ_CHECK(manager_->num_reserved(id).status().code() == Code::not_found, "num_reserved");
+    } else {
+      const auto bad = static_cast<int64_t>(num_groups());
+      FUZZ_CHECK(manager_->page_table(id, bad).status().code() == Code::invalid_argument,
+                 "page_table of a bad group");
+      for (size_t g = 0; g < num_groups(); ++g) {
+        if (recurrent(g)) continue;
+        FUZZ_CHECK(manager_->state_slot(id, static_cast<int64_t>(g)).status().code() ==
+                       Code::invalid_argument,
+                   "state_slot of page group %zu", g);
+      }
     }
-    const int64_t n = in_.ConsumeIntegralInRange<int64_t>(-1, options_.num_pages * ps_ + ps_);
-    const int64_t room =
-        manager_->num_free_pages() + manager_->num_evictable_pages() - options_.watermark_pages;
-    const bool want = n >= 0 && (n + ps_ - 1) / ps_ <= room;
-    FUZZ_CHECK(manager_->can_admit(n) == want, "can_admit(%lld) with %lld pages of room",
-               static_cast<long long>(n), static_cast<long long>(room));
+    FUZZ_CHECK(manager_->reserved_slots(-1).status().code() == Code::invalid_argument,
+               "reserved_slots(-1)");
+    const int64_t n = in_.ConsumeIntegralInRange<int64_t>(-1, max_pool_ * ps_ + ps_);
+    bool want = n >= 0;
+    for (size_t g = 0; g < num_groups(); ++g) {
+      if (recurrent(g)) {
+        want = want && available(g) >= 1;
+      } else {
+        want = want && (n + ps_ - 1) / ps_ <= available(g) - options_.watermark_pages;
+      }
+    }
+    FUZZ_CHECK(manager_->can_admit(n) == want, "can_admit(%lld) is %d, expected %d",
+               static_cast<long long>(n), static_cast<int>(!want), static_cast<int>(want));
     FUZZ_CHECK(observe(id) == before, "a const query changed the manager");
   }
 
-  // Replaying the events in order gives exactly the keys cached now.
+  // Replaying the events in order gives exactly the keys cached now, per group.
   void check_events() {
     const std::span<const PageEvent> events = manager_->events();
     if (!options_.record_events || !options_.enable_prefix_caching) {
@@ -581,23 +815,30 @@ class Fuzzer {
                events.size());
     for (size_t i = num_events_seen_; i < events.size(); ++i) {
       const PageEvent& ev = events[i];
-      FUZZ_CHECK(ev.num_tokens == ps_ && ev.layer_group == 0, "event %zu fields", i);
+      FUZZ_CHECK(ev.num_tokens == ps_ && ev.layer_group >= 0 &&
+                     ev.layer_group < static_cast<int64_t>(num_groups()),
+                 "event %zu fields (layer_group %lld)", i, static_cast<long long>(ev.layer_group));
+      auto& cached = cached_keys_[static_cast<size_t>(ev.layer_group)];
       if (ev.kind == PageEventKind::cached) {
-        FUZZ_CHECK(cached_keys_.insert(ev.key.bytes).second, "cached event of a cached key %s",
+        FUZZ_CHECK(cached.insert(ev.key.bytes).second, "cached event of a cached key %s",
                    ev.key.hex().c_str());
       } else {
-        FUZZ_CHECK(cached_keys_.erase(ev.key.bytes) == 1, "evicted event of an uncached key %s",
+        FUZZ_CHECK(cached.erase(ev.key.bytes) == 1, "evicted event of an uncached key %s",
                    ev.key.hex().c_str());
       }
     }
     num_events_seen_ = events.size();
-    for (const auto& bytes : cached_keys_) {
+    for (const auto& bytes : cached_keys_[0]) {
       FUZZ_CHECK(manager_->is_cached(PageKey{bytes}), "key %s of a cached event is not cached",
                  PageKey{bytes}.hex().c_str());
     }
-    FUZZ_CHECK(static_cast<int64_t>(cached_keys_.size()) == manager_->num_cached_pages(),
-               "events say %zu keys cached, the manager %lld", cached_keys_.size(),
-               static_cast<long long>(manager_->num_cached_pages()));
+    for (size_t g = 0; g < num_groups(); ++g) {
+      FUZZ_CHECK(static_cast<int64_t>(cached_keys_[g].size()) ==
+                     manager_->num_cached_pages(static_cast<int64_t>(g)),
+                 "events say %zu keys cached in group %zu, the manager %lld",
+                 cached_keys_[g].size(), g,
+                 static_cast<long long>(manager_->num_cached_pages(static_cast<int64_t>(g))));
+    }
   }
 
   void check() {
@@ -606,68 +847,103 @@ class Fuzzer {
     FUZZ_CHECK(manager_->num_sequences() == static_cast<int64_t>(seqs_.size()),
                "num_sequences %lld, model has %zu",
                static_cast<long long>(manager_->num_sequences()), seqs_.size());
-    FUZZ_CHECK(
-        manager_->num_free_pages() + manager_->num_evictable_pages() + manager_->num_used_pages() ==
-            options_.num_pages,
-        "free + evictable + used != num_pages");
-    FUZZ_CHECK(manager_->num_evictable_pages() <= manager_->num_cached_pages(),
-               "more evictable than cached pages");
+    FUZZ_CHECK(manager_->num_groups() == static_cast<int64_t>(num_groups()), "num_groups");
+    FUZZ_CHECK(manager_->num_free_pages() == manager_->num_free_pages(0) &&
+                   manager_->num_cached_pages() == manager_->num_cached_pages(0) &&
+                   manager_->num_evictable_pages() == manager_->num_evictable_pages(0) &&
+                   manager_->num_used_pages() == manager_->num_used_pages(0),
+               "the counts without a group are not group 0's");
+    for (size_t g = 0; g < num_groups(); ++g) {
+      const auto gi = static_cast<int64_t>(g);
+      FUZZ_CHECK(manager_->num_free_pages(gi) + manager_->num_evictable_pages(gi) +
+                         manager_->num_used_pages(gi) ==
+                     specs_[g].num_pages,
+                 "group %zu: free + evictable + used != num_pages", g);
+      FUZZ_CHECK(manager_->num_evictable_pages(gi) <= manager_->num_cached_pages(gi),
+                 "group %zu: more evictable than cached pages", g);
+      FUZZ_CHECK(
+          !recurrent(g) || manager_->num_used_pages(gi) == static_cast<int64_t>(seqs_.size()),
+          "recurrent group %zu uses %lld slots for %zu sequences", g,
+          static_cast<long long>(manager_->num_used_pages(gi)), seqs_.size());
+    }
     FUZZ_CHECK(manager_->pending_copies().empty(), "copies pending after they were cleared");
+    FUZZ_CHECK(manager_->pending_state_copies().empty(), "state copies pending after a clear");
     check_events();
-    // Which sequences read each slot: a reservation must not overwrite another's token.
-    std::map<int64_t, SeqId> readers;
+    // Per group, which sequences read each slot: a reservation must not overwrite another's token.
+    std::vector<std::map<int64_t, SeqId>> readers(num_groups());
+    std::vector<std::set<StateSlot>> live_slots(num_groups());
     for (const auto& [id, s] : seqs_) {
       FUZZ_CHECK(manager_->contains(id), "sequence %lld lost", static_cast<long long>(id));
       const int64_t len = static_cast<int64_t>(s.tokens.size());
-      const int64_t reserved = static_cast<int64_t>(s.slots.size());
       FUZZ_CHECK(*manager_->num_tokens(id) == len, "sequence %lld num_tokens %lld, expected %lld",
                  static_cast<long long>(id), static_cast<long long>(*manager_->num_tokens(id)),
                  static_cast<long long>(len));
-      FUZZ_CHECK(*manager_->num_reserved(id) == reserved, "sequence %lld num_reserved",
+      FUZZ_CHECK(*manager_->num_reserved(id) == s.reserved, "sequence %lld num_reserved",
                  static_cast<long long>(id));
-      const std::span<const PageId> table = *manager_->page_table(id);
-      FUZZ_CHECK(static_cast<int64_t>(table.size()) == (len + reserved + ps_ - 1) / ps_,
-                 "sequence %lld has %zu pages for %lld + %lld tokens", static_cast<long long>(id),
-                 table.size(), static_cast<long long>(len), static_cast<long long>(reserved));
-      for (int64_t i = 0; i < len; ++i) {
-        const PageId page = table[static_cast<size_t>(i / ps_)];
-        FUZZ_CHECK(page >= 0 && page < options_.num_pages, "page id %d", page);
-        const int32_t held = pages_[static_cast<size_t>(page)][static_cast<size_t>(i % ps_)];
-        FUZZ_CHECK(held == s.tokens[static_cast<size_t>(i)],
-                   "sequence %lld token %lld is %d but page %d slot %lld holds %d",
-                   static_cast<long long>(id), static_cast<long long>(i),
-                   s.tokens[static_cast<size_t>(i)], page, static_cast<long long>(i % ps_), held);
-        readers.emplace(static_cast<int64_t>(page) * ps_ + i % ps_, id);
-      }
-      for (int64_t i = 0; i < reserved; ++i) {
-        const int64_t pos = len + i;
-        const int64_t want = table[static_cast<size_t>(pos / ps_)] * ps_ + pos % ps_;
-        FUZZ_CHECK(s.slots[static_cast<size_t>(i)] == want,
-                   "sequence %lld reserved slot %lld is %lld, page table says %lld",
-                   static_cast<long long>(id), static_cast<long long>(i),
-                   static_cast<long long>(s.slots[static_cast<size_t>(i)]),
-                   static_cast<long long>(want));
+      for (size_t g = 0; g < num_groups(); ++g) {
+        const std::span<const PageId> table = table_of(id, g);
+        if (recurrent(g)) {
+          FUZZ_CHECK(table.empty(), "recurrent group %zu has a page table", g);
+          const StateSlot live = live_slot(id, g);
+          FUZZ_CHECK(live_slots[g].insert(live).second, "live slot %d shared", live);
+          FUZZ_CHECK(states_[g][static_cast<size_t>(live)] == recompute(s.tokens),
+                     "sequence %lld group %zu live state (slot %d) is not the hash of its %lld "
+                     "tokens",
+                     static_cast<long long>(id), g, live, static_cast<long long>(len));
+          continue;
+        }
+        FUZZ_CHECK(static_cast<int64_t>(table.size()) == (len + s.reserved + ps_ - 1) / ps_,
+                   "sequence %lld group %zu has %zu pages for %lld + %lld tokens",
+                   static_cast<long long>(id), g, table.size(), static_cast<long long>(len),
+                   static_cast<long long>(s.reserved));
+        const int64_t released = out_of_window(g, len);
+        for (int64_t j = 0; j < static_cast<int64_t>(table.size()); ++j) {
+          const PageId page = table[static_cast<size_t>(j)];
+          FUZZ_CHECK((page == kNullPage) == (j < released),
+                     "sequence %lld group %zu page %lld of %lld tokens is %d",
+                     static_cast<long long>(id), g, static_cast<long long>(j),
+                     static_cast<long long>(len), page);
+          FUZZ_CHECK(page == kNullPage || (page >= 0 && page < specs_[g].num_pages), "page id %d",
+                     page);
+        }
+        for (int64_t i = released * ps_; i < len; ++i) {
+          const PageId page = table[static_cast<size_t>(i / ps_)];
+          const int32_t held = pools_[g][static_cast<size_t>(page)][static_cast<size_t>(i % ps_)];
+          FUZZ_CHECK(held == s.tokens[static_cast<size_t>(i)],
+                     "sequence %lld group %zu token %lld is %d but page %d slot %lld holds %d",
+                     static_cast<long long>(id), g, static_cast<long long>(i),
+                     s.tokens[static_cast<size_t>(i)], page, static_cast<long long>(i % ps_), held);
+          readers[g].emplace(static_cast<int64_t>(page) * ps_ + i % ps_, id);
+        }
       }
     }
     for (const auto& [id, s] : seqs_) {
-      for (int64_t slot : s.slots) {
-        auto it = readers.find(slot);
-        FUZZ_CHECK(it == readers.end(), "slot %lld reserved by sequence %lld holds a token of %lld",
-                   static_cast<long long>(slot), static_cast<long long>(id),
-                   static_cast<long long>(it->second));
+      for (size_t g = 0; g < num_groups(); ++g) {
+        if (recurrent(g)) continue;
+        for (int64_t slot : s.slots[g]) {
+          auto it = readers[g].find(slot);
+          FUZZ_CHECK(it == readers[g].end(),
+                     "group %zu slot %lld reserved by sequence %lld holds a token of %lld", g,
+                     static_cast<long long>(slot), static_cast<long long>(id),
+                     static_cast<long long>(it->second));
+        }
       }
     }
   }
 
   FuzzedDataProvider& in_;
   BlockManagerOptions options_;
+  std::vector<LayerGroupSpec> specs_;  // the groups (one full group without groups)
+  int64_t min_pool_ = 1;               // the smallest and largest page group
+  int64_t max_pool_ = 1;
   int64_t ps_ = 1;
   bool weak_hash_ = false;
   KeyHashFn hash_;
   size_t num_events_seen_ = 0;
-  std::set<std::array<uint8_t, 32>> cached_keys_;  // replayed from the events
+  std::vector<std::set<std::array<uint8_t, 32>>> cached_keys_;  // per group, from the events
   std::unique_ptr<BlockManager> manager_;
-  std::vector<Tokens> pages_;  // the simulated pool: token id per slot
+  std::vector<std::vector<Tokens>> pools_;     // per page group: token id per slot
+  std::vector<std::vector<uint64_t>> states_;  // per recurrent group: toy state per slot
   std::map<SeqId, Seq> seqs_;
   std::set<std::pair<int, Tokens>> committed_;  // (extras, tokens [0, b)) for each full page b
   std::array<Tokens, 3> prefixes_;
