@@ -21,6 +21,7 @@
 #include "kvcache/cache.h"
 #include "kvcache/dtype.h"
 #include "kvcache/export.h"
+#include "kvcache/rope.h"
 #include "kvcache/status.h"
 #include "kvcache/tensor.h"
 
@@ -79,6 +80,15 @@ class KVCACHE_API KVCache final : public Cache {
   void clear();
   // Keeps tokens [0, n) and drops anything pending. invalid_argument unless 0 <= n <= len().
   Status truncate(int64_t n);
+  // Re-rotates K of tokens [p0, p1) in every layer by delta positions (see rope_shift): K rotated
+  // for position q becomes K rotated for q + delta. out_of_range unless 0 <= p0 <= p1 <= len(),
+  // p1 <= rope.max_position and |delta| < rope.max_position; invalid_argument for a rope config
+  // that does not fit head_dim. Pending tokens are untouched.
+  Status shift(int64_t p0, int64_t p1, int64_t delta, const RopeConfig& rope);
+  // Removes tokens [p0, p1), moving later tokens down (llama.cpp seq_rm inside a sequence); with
+  // shift() this is a context shift. out_of_range unless 0 <= p0 <= p1 <= len(). Drops anything
+  // pending.
+  Status erase(int64_t p0, int64_t p1);
 
   // --- the Cache contract ---
   [[nodiscard]] CacheKind kind() const override { return CacheKind::contiguous; }

@@ -2,10 +2,13 @@
 #include "kvcache/contiguous_cache.h"
 
 #include <algorithm>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 #include <string_view>
 #include <utility>
+
+#include "kvcache/rope_shift.h"
 
 #include "cache/snapshot_checks.h"
 #include "core/check.h"
@@ -328,6 +331,77 @@ Status KVCache::truncate(int64_t n) {
   if (Status s = detail::check_position("KVCache.truncate", "n", n, len_); !s.ok()) return s;
   len_ = n;
   std::fill(pending_.begin(), pending_.end(), 0);
+  return Status();
+}
+
+Status KVCache::shift(int64_t p0, int64_t p1, int64_t delta, const RopeConfig& rope) {
+  constexpr std::string_view kOp = "KVCache.shift";
+  if (p0 < 0 || p0 > p1 || p1 > len_) {
+    return Status::out_of_range(std::string(kOp) + ": [p0, p1) is [" + str(p0) + ", " + str(p1) +
+                                "), expected 0 <= p0 <= p1 <= len() = " + str(len_));
+  }
+  if (Status s = check_rope_config(rope, options_.head_dim, kOp); !s.ok()) return s;
+  if (p0 == p1) return Status();
+  if (p1 > rope.max_position || delta <= -rope.max_position || delta >= rope.max_position) {
+    return Status::out_of_range(std::string(kOp) + ": tokens [" + str(p0) + ", " + str(p1) +
+                                ") moved by " + str(delta) +
+                                ", expected p1 <= rope.max_position and |delta| < "
+                                "rope.max_position = " +
+                                str(rope.max_position));
+  }
+  RopeShiftDesc desc;
+  desc.kv.num_kv_heads = options_.num_kv_heads;
+  desc.kv.head_dim = options_.head_dim;
+  desc.kv.k_dtype = options_.dtype;
+  desc.kv.v_dtype = options_.dtype;
+  desc.rope = rope;
+  Result<RopeShiftPlan> plan = RopeShiftPlan::select(desc);
+  if (!plan.ok()) return plan.status();
+  // Every batch row moves the same range; the checks above keep the values in int32.
+  const auto batch = static_cast<size_t>(options_.batch);
+  const std::vector<int32_t> first(batch, static_cast<int32_t>(p0));
+  const std::vector<int32_t> last(batch, static_cast<int32_t>(p1));
+  const std::vector<int32_t> by(batch, static_cast<int32_t>(delta));
+  const std::vector<int32_t> lens(batch, static_cast<int32_t>(len_));
+  std::vector<RopeShiftArgs> args(static_cast<size_t>(options_.num_layers));
+  for (size_t l = 0; l < args.size(); ++l) {
+    RopeShiftArgs& a = args[l];
+    a.p0 = first;
+    a.p1 = last;
+    a.delta = by;
+    a.seq_lens = lens;
+    // [batch, capacity, H, D] storage as the [batch, H, capacity, D] view the op takes.
+    a.caches.k = storage(2 * l, 0, capacity_);
+    std::swap(a.caches.k.shape[1], a.caches.k.shape[2]);
+    std::swap(a.caches.k.strides[1], a.caches.k.strides[2]);
+    if (Status s = plan->can_implement(a); !s.ok()) return s;
+  }
+  for (const RopeShiftArgs& a : args) {
+    if (Status s = plan->run(Stream{}, {}, a); !s.ok()) return s;
+  }
+  return Status();
+}
+
+Status KVCache::erase(int64_t p0, int64_t p1) {
+  if (p0 < 0 || p0 > p1 || p1 > len_) {
+    return Status::out_of_range("KVCache.erase: [p0, p1) is [" + str(p0) + ", " + str(p1) +
+                                "), expected 0 <= p0 <= p1 <= len() = " + str(len_));
+  }
+  std::fill(pending_.begin(), pending_.end(), 0);
+  if (p0 == p1) return Status();
+  const size_t esize = size_of(options_.dtype);
+  for (size_t a = 0; a < arrays_.size(); ++a) {
+    const auto token_bytes =
+        static_cast<size_t>(options_.num_kv_heads * array_dim(options_, a)) * esize;
+    auto* base = static_cast<char*>(arrays_[a].data());
+    for (int64_t b = 0; b < options_.batch; ++b) {
+      char* row = base + static_cast<size_t>(b * capacity_) * token_bytes;
+      std::memmove(row + static_cast<size_t>(p0) * token_bytes,
+                   row + static_cast<size_t>(p1) * token_bytes,
+                   static_cast<size_t>(len_ - p1) * token_bytes);
+    }
+  }
+  len_ -= p1 - p0;
   return Status();
 }
 

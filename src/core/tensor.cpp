@@ -95,8 +95,9 @@ Status check_dtype(const TensorView& t, DType expected, std::string_view op,
 
 Status check_shape(const TensorView& t, std::span<const DimSpec> expected, std::string_view op,
                    std::string_view name) {
-  const std::string want = expected_shape_string(expected);
+  // Messages are built only on failure: the ops call this on every run(), which allocates nothing.
   if (t.rank != static_cast<int>(expected.size())) {
+    const std::string want = expected_shape_string(expected);
     return Status::invalid_argument(prefix(op, name) + " has rank " + std::to_string(t.rank) +
                                     " (shape " + t.shape_string() + "), expected rank " +
                                     std::to_string(expected.size()) + " " + want);
@@ -104,6 +105,7 @@ Status check_shape(const TensorView& t, std::span<const DimSpec> expected, std::
   for (int axis = 0; axis < t.rank; ++axis) {
     const DimSpec& d = expected[axis];
     if (t.shape[axis] < 0 || (d.size >= 0 && t.shape[axis] != d.size)) {
+      const std::string want = expected_shape_string(expected);
       return Status::invalid_argument(prefix(op, name) + " dim " + std::to_string(axis) + " (" +
                                       d.name + ") is " + std::to_string(t.shape[axis]) +
                                       ", expected " +

@@ -14,6 +14,8 @@
 #include "kvcache/rotating_cache.h"
 #include "kvcache/tensor.h"
 
+#include "model/cached_attention.h"
+
 namespace kvcache::model {
 namespace {
 
@@ -138,41 +140,6 @@ TensorView heads_view(std::vector<std::byte>& bytes, DType dtype, int64_t num_he
   return t;
 }
 
-// A cache view [1, num_heads, n, head_dim] (any strides, storage dtype) -> float rows
-// [n, num_heads, head_dim].
-std::vector<float> view_rows(const TensorView& t) {
-  const int64_t num_heads = t.dim(1), n = t.dim(2), head_dim = t.dim(3);
-  std::vector<float> out(sz(n * num_heads * head_dim));
-  const auto elem = static_cast<int64_t>(size_of(t.dtype));
-  const auto* base = static_cast<const std::byte*>(t.data);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const std::byte* row = base + (h * t.stride(1) + i * t.stride(2)) * elem;
-      float* dst = &out[sz((i * num_heads + h) * head_dim)];
-      if (t.stride(3) == 1) {
-        to_float(t.dtype, row, dst, sz(head_dim));
-        continue;
-      }
-      for (int64_t d = 0; d < head_dim; ++d) {
-        to_float(t.dtype, row + d * t.stride(3) * elem, dst + d, 1);
-      }
-    }
-  }
-  return out;
-}
-
-KVRows gather(const CacheViews& views) {
-  KVRows kv;
-  kv.n = views.keys.dim(2);
-  kv.k = view_rows(views.keys);
-  kv.v = view_rows(views.values);
-  kv.pos.resize(sz(kv.n));
-  for (int64_t i = 0; i < kv.n; ++i) {
-    kv.pos[sz(i)] = i < views.num_pinned ? i : views.first_pos + (i - views.num_pinned);
-  }
-  return kv;
-}
-
 // A contiguous recurrent state view -> float (zeros when the cache holds no memory).
 std::vector<float> read_state(const TensorView& t) {
   std::vector<float> out(sz(t.numel()), 0.0f);
@@ -181,6 +148,17 @@ std::vector<float> read_state(const TensorView& t) {
 }
 
 }  // namespace
+
+float logit_tolerance(DType storage) {
+  switch (storage) {
+    case DType::f16:
+      return 2e-3f;
+    case DType::bf16:
+      return 8e-3f;
+    default:
+      return 1e-4f;
+  }
+}
 
 const char* name(LayerKind kind) {
   switch (kind) {
@@ -486,12 +464,19 @@ void TinyModel::attend_into(int64_t layer, const std::vector<float>& q, int64_t 
                             const KVRows& kv, std::vector<float>& x) const {
   const LayerConfig& lc = config_.layers[sz(layer)];
   const AttentionConfig& c = lc.attention;
-  const int64_t qdim = c.num_q_heads * c.head_dim, d = config_.d_model;
+  const int64_t qdim = c.num_q_heads * c.head_dim;
   std::vector<float> o(sz(n * qdim));
   for (int64_t r = 0; r < n; ++r) {
     attention(&q[sz(r * qdim)], c.num_q_heads, c.num_kv_heads, c.head_dim, pos0 + r, kv,
               mask_of(lc), &o[sz(r * qdim)]);
   }
+  output_into(layer, o, n, x);
+}
+
+void TinyModel::output_into(int64_t layer, const std::vector<float>& o, int64_t n,
+                            std::vector<float>& x) const {
+  const AttentionConfig& c = config_.layers[sz(layer)].attention;
+  const int64_t qdim = c.num_q_heads * c.head_dim, d = config_.d_model;
   std::vector<float> y(sz(n * d));
   matmul(o.data(), n, layers_[sz(layer)].attention.wo.data(), qdim, d, y.data());
   for (size_t i = 0; i < y.size(); ++i) x[i] += y[i];
@@ -639,7 +624,9 @@ Result<std::vector<float>> Session::run(std::span<const int32_t> tokens) {
           caches_[sz(l)]->update(heads_view(k_bytes, dtype, a.num_kv_heads, n, a.head_dim),
                                  heads_view(v_bytes, dtype, a.num_kv_heads, n, a.head_dim));
       if (!views.ok()) return views.status();
-      model_->attend_into(l, qkv.q, n, offset_, gather(*views), x);
+      Result<std::vector<float>> o = cached_attention(lc, qkv.q, n, *views);
+      if (!o.ok()) return o.status();
+      model_->output_into(l, *o, n, x);
     }
     model_->mlp_into(l, x, n);
   }

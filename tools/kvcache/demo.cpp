@@ -30,7 +30,6 @@
 namespace kvcache::cli {
 namespace {
 
-using model::kLogitTolerance;
 using model::LayerKind;
 using model::Session;
 using model::TinyModel;
@@ -270,6 +269,7 @@ int run(const Options& o) {
   }
   std::printf("\n\n");
 
+  const float tolerance = model::logit_tolerance(o.dtype);
   std::mt19937_64 rng(o.seed ^ 0x70726f6d7074ull);
   std::vector<int32_t> tokens(static_cast<size_t>(o.prompt));
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
@@ -281,7 +281,7 @@ int run(const Options& o) {
   auto full = m.forward_full(tokens);
   if (!full.ok()) return fail(full.status());
   const float prefill_diff = model::max_abs_diff(*prefill, *full);
-  const bool prefill_ok = prefill_diff <= kLogitTolerance;
+  const bool prefill_ok = prefill_diff <= tolerance;
   int32_t next = model::argmax(std::span<const float>(*prefill).last(static_cast<size_t>(vocab)));
 
   // Decode, with drafts rolled back every kDraftEvery steps.
@@ -318,7 +318,7 @@ int run(const Options& o) {
     if (!reference.ok()) return fail(reference.status());
     const float diff = model::max_abs_diff(*logits, *reference);
     decode_worst = std::max(decode_worst, diff);
-    if (!(diff <= kLogitTolerance)) {
+    if (!(diff <= tolerance)) {
       ++decode_failed;
       if (first_bad_step < 0) first_bad_step = step;
     }
@@ -351,7 +351,7 @@ int run(const Options& o) {
   auto reference = full_last(m, with_next);
   if (!reference.ok()) return fail(reference.status());
   const float corrupt_diff = model::max_abs_diff(*corrupted, *reference);
-  const bool caught = corrupt_diff > kLogitTolerance;
+  const bool caught = corrupt_diff > tolerance;
   restore_token(victim_state[0], victim_token, saved[0]);
   restore_token(victim_state[1], victim_token, saved[1]);
   if (Status s = session.rollback(*cp); !s.ok()) return fail(s);
@@ -381,7 +381,7 @@ int run(const Options& o) {
   std::printf(
       "\nchecks: logits against forward_full, a recompute from scratch without cache "
       "(tolerance %s)\n",
-      sci(kLogitTolerance).c_str());
+      sci(tolerance).c_str());
   Checks checks;
   checks.add(prefill_ok);
   checks.line(

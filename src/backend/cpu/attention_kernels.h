@@ -1,0 +1,49 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// The inner loops of CPU attention, one set per instruction set. The driver (attention.cpp) walks
+// each (sequence, kv head, chunk) work item over runs of consecutive cache rows (a page, or a
+// block of a contiguous cache), keeps the online softmax, and calls these two loops per run; the
+// query heads of one GQA group share every K/V row load. Rows are `stride` elements apart and
+// hold head_dim contiguous elements of the storage dtype; quantized rows carry one scale each,
+// `scale_stride` floats apart (scales == nullptr for unquantized storage).
+
+#include <cstdint>
+
+#include "kvcache/dtype.h"
+
+namespace kvcache::cpu {
+
+struct KVRows {
+  const void* data = nullptr;  // row 0
+  DType dtype = DType::bf16;   // f32, f16, bf16, int8 or fp8_e4m3
+  int64_t stride = 0;          // elements between rows
+  const float* scales = nullptr;
+  int64_t scale_stride = 0;
+  int64_t count = 0;  // rows
+  int64_t dim = 0;    // elements per row
+};
+
+// s[g * n + t] = sum_d q[g * dim + d] * k[t][d] * k_scale[t], for g < group, t < n = k.count.
+// q: [group, dim] float32.
+using ScoreRowsFn = void (*)(const float* q, int64_t group, const KVRows& k, float* s);
+
+// acc[g * dim + d] += sum_t p[g * n + t] * v_scale[t] * v[t][d], for g < group, t < n = v.count.
+using AccumulateRowsFn = void (*)(const float* p, int64_t group, const KVRows& v, float* acc);
+
+struct AttentionRowKernels {
+  ScoreRowsFn score = nullptr;
+  AccumulateRowsFn accumulate = nullptr;
+  const char* isa = "portable";
+};
+
+// The portable loops (attention.cpp): always built, the oracle the fast paths are tested against.
+[[nodiscard]] AttentionRowKernels portable_attention_rows();
+// The AVX-512 loops (attention_avx512.cpp). REQUIRES cpu_supports(CpuIsa::avx512).
+[[nodiscard]] AttentionRowKernels avx512_attention_rows();
+// Runs the AVX-512 loops against the portable ones on fixed inputs for every dtype (once per
+// process; later calls return the first answer). false when the CPU lacks AVX-512 or they differ
+// by more than float rounding.
+[[nodiscard]] bool avx512_attention_rows_self_test();
+
+}  // namespace kvcache::cpu

@@ -1,0 +1,497 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#include "kvcache/qkv_rope_write.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kvcache/thread_pool.h"
+
+#include "ops/quantize.h"
+#include "reference/element.h"
+#include "reference/rope.h"
+#include "testing/test_util.h"
+
+namespace kvcache {
+namespace {
+
+using reference::read_element;
+using testing::has_error;
+using testing::seed_trace;
+using testing::test_seed;
+
+constexpr uint8_t kPoison = 0x7f;
+
+// Random magnitudes in [0.1, 2], random sign: never zero.
+float random_value(std::mt19937& rng) {
+  std::uniform_real_distribution<float> mag(0.1f, 2.0f);
+  return (rng() & 1u) != 0 ? mag(rng) : -mag(rng);
+}
+
+// Poisoned bytes whose data() is 64-byte aligned, as framework allocations are: the kernels'
+// non-temporal stores take aligned rows only.
+struct Bytes {
+  std::vector<uint64_t> words;
+  void* data() {
+    const auto at = reinterpret_cast<uintptr_t>(words.data());
+    return words.data() + (64 - at % 64) % 64 / 8;
+  }
+  static Bytes poisoned(size_t n) {
+    Bytes b;
+    b.words.resize((n + 7) / 8 + 8);
+    std::memset(b.words.data(), kPoison, b.words.size() * 8);
+    return b;
+  }
+};
+
+struct Case {
+  int64_t num_q_heads = 4;
+  int64_t num_kv_heads = 2;
+  int64_t head_dim = 6;
+  int64_t head_dim_v = 5;
+  int64_t num_tokens = 7;
+  int64_t page_size = 3;
+  PageLayout layout = PageLayout::nhd;
+  DType qkv = DType::f32, q = DType::f32, k = DType::f32, v = DType::f32;
+  bool qk_norm = false;
+  float offset = 0.0f;
+  bool slot_mapping = true;
+  RopeConfig rope;
+};
+
+// Everything one run reads and writes, owned.
+struct Problem {
+  QkvRopeWriteDesc desc;
+  Bytes qkv, q_out, k_pages, v_pages, k_scales, v_scales;
+  std::vector<float> q_w, k_w;
+  std::vector<int32_t> positions, batch_indices, token_pos, indptr, indices;
+  std::vector<int64_t> slot_mapping;
+  QkvRopeWriteArgs args;
+
+  explicit Problem(const Case& c, std::mt19937& rng) {
+    desc.num_q_heads = c.num_q_heads;
+    desc.cache.kv = {c.num_kv_heads, c.head_dim, c.head_dim_v, c.k, c.v};
+    desc.qkv_dtype = c.qkv;
+    desc.q_dtype = c.q;
+    desc.qk_norm = c.qk_norm;
+    desc.norm_weight_offset = c.offset;
+    desc.rope = c.rope;
+    const int64_t n = c.num_tokens;
+    const int64_t width =
+        (c.num_q_heads + c.num_kv_heads) * c.head_dim + c.num_kv_heads * c.head_dim_v;
+    const int64_t stride = width + 3;  // rows padded: the row stride exceeds the row
+    std::vector<float> values(static_cast<size_t>(n * stride));
+    for (float& x : values) x = random_value(rng);
+    qkv = Bytes::poisoned(values.size() * size_of(c.qkv));
+    from_float(values.data(), c.qkv, qkv.data(), values.size());
+    args.qkv = TensorView::contiguous(qkv.data(), c.qkv, {n, width});
+    args.qkv.strides[0] = stride;
+    const int streams = c.rope.num_position_streams();
+    for (int64_t i = 0; i < streams * n; ++i) {
+      positions.push_back(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.rope.max_position)));
+    }
+    args.positions = positions;
+    if (c.qk_norm) {
+      for (int64_t i = 0; i < 2 * c.head_dim; ++i) {
+        (i < c.head_dim ? q_w : k_w).push_back(0.5f + static_cast<float>(rng() % 1000) / 1000.0f);
+      }
+      args.q_norm_weight = TensorView::contiguous(q_w.data(), DType::f32, {c.head_dim});
+      args.k_norm_weight = TensorView::contiguous(k_w.data(), DType::f32, {c.head_dim});
+    }
+    q_out = Bytes::poisoned(static_cast<size_t>(n * c.num_q_heads * c.head_dim) * size_of(c.q));
+    args.q_out = TensorView::contiguous(q_out.data(), c.q, {n, c.num_q_heads, c.head_dim});
+    // Pages: two sequences, tokens alternate between them; a spare page stays unwritten.
+    const int64_t per_seq = (n + 1) / 2;
+    const int64_t pages_per_seq = (per_seq + c.page_size - 1) / c.page_size;
+    PageFormat& pf = desc.cache.pages;
+    pf = {2 * pages_per_seq + 1, c.page_size, c.layout};
+    std::vector<int32_t> perm(static_cast<size_t>(pf.num_pages));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    indptr = {0, static_cast<int32_t>(pages_per_seq), static_cast<int32_t>(2 * pages_per_seq)};
+    indices.assign(perm.begin(), perm.begin() + 2 * pages_per_seq);
+    for (int64_t t = 0; t < n; ++t) {
+      const int32_t b = static_cast<int32_t>(t % 2);
+      const int32_t p = static_cast<int32_t>(t / 2);
+      batch_indices.push_back(b);
+      token_pos.push_back(p);
+      const int64_t page =
+          indices[static_cast<size_t>(indptr[static_cast<size_t>(b)] + p / c.page_size)];
+      slot_mapping.push_back(page * c.page_size + p % c.page_size);
+    }
+    if (c.slot_mapping) {
+      args.slots.slot_mapping = slot_mapping;
+    } else {
+      args.slots.batch_indices = batch_indices;
+      args.slots.positions = token_pos;
+      args.slots.table = {indptr, indices};
+    }
+    auto pool = [&](Bytes& b, DType d, int64_t dim) {
+      b = Bytes::poisoned(static_cast<size_t>(pf.num_pages * c.page_size * c.num_kv_heads * dim) *
+                          size_of(d));
+      return c.layout == PageLayout::nhd
+                 ? TensorView::contiguous(b.data(), d,
+                                          {pf.num_pages, c.page_size, c.num_kv_heads, dim})
+                 : TensorView::contiguous(b.data(), d,
+                                          {pf.num_pages, c.num_kv_heads, c.page_size, dim});
+    };
+    args.kv.k_pages = pool(k_pages, c.k, c.head_dim);
+    args.kv.v_pages = pool(v_pages, c.v, c.head_dim_v);
+    if (is_quantized(c.k)) args.kv.k_scales = pool(k_scales, DType::f32, 1);
+    if (is_quantized(c.v)) args.kv.v_scales = pool(v_scales, DType::f32, 1);
+    for (TensorView* s : {&args.kv.k_scales, &args.kv.v_scales}) {
+      if (s->data != nullptr) s->rank = 3;  // [pages, page_size, heads] / [pages, heads, page_size]
+    }
+  }
+
+  // Every output byte, for "unchanged on refusal".
+  std::vector<std::vector<uint64_t>> outputs() const {
+    return {q_out.words, k_pages.words, v_pages.words, k_scales.words, v_scales.words};
+  }
+};
+
+// The allowed |got - ref| at the plan's precision; quantized storage within one step
+// (quantize.h), scale being the row's.
+double tolerance(double ref, const Precision& p, DType dtype, double scale) {
+  if (dtype == DType::int8) return p.abs_tol + std::ldexp(1.0, -17) * std::fabs(ref) + scale;
+  if (dtype == DType::fp8_e4m3) {
+    return p.abs_tol + std::ldexp(1.0, -3) * std::fabs(ref) + std::ldexp(1.0, -9) * scale;
+  }
+  return p.abs_tol + p.rel_tol * std::fabs(ref);
+}
+
+::testing::AssertionResult close(double got, double ref, const Precision& p, DType dtype,
+                                 double scale) {
+  const double tol = tolerance(ref, p, dtype, scale);
+  if (std::fabs(got - ref) <= tol) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << "got " << got << ", reference " << ref << ", tolerance " << tol;
+}
+
+// Reads K or V of token t, head h back from its page (dequantized) and compares it.
+void expect_pool(const Problem& pr, const TensorView& pool, const TensorView& scales, DType dtype,
+                 int64_t dim, const std::vector<double>& ref, const Precision& p,
+                 const char* what) {
+  const PageFormat& pf = pr.desc.cache.pages;
+  const int64_t n = pr.args.qkv.shape[0];
+  const int64_t heads = pr.desc.cache.kv.num_kv_heads;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t slot = pr.slot_mapping[static_cast<size_t>(t)];
+    const int64_t page = slot / pf.page_size;
+    const int64_t in = slot % pf.page_size;
+    const bool nhd = pf.layout == PageLayout::nhd;
+    for (int64_t h = 0; h < heads; ++h) {
+      const double scale = is_quantized(dtype) ? (nhd ? read_element(scales, {page, in, h})
+                                                      : read_element(scales, {page, h, in}))
+                                               : 1.0;
+      for (int64_t i = 0; i < dim; ++i) {
+        const double got =
+            (nhd ? read_element(pool, {page, in, h, i}) : read_element(pool, {page, h, in, i})) *
+            scale;
+        const double r = ref[static_cast<size_t>((t * heads + h) * dim + i)];
+        if (!(std::fabs(got - r) <= tolerance(r, p, dtype, scale))) {
+          ASSERT_TRUE(close(got, r, p, dtype, scale))
+              << what << " token " << t << " head " << h << " elem " << i;
+        }
+      }
+    }
+  }
+}
+
+std::vector<CpuIsa> isas() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::portable, CpuIsa::avx2, CpuIsa::avx512}) {
+    if (cpu_supports(isa)) out.push_back(isa);
+  }
+  return out;
+}
+
+// Every isa, inline and over ThreadPool(2); only_best: CpuIsa::best over the pool.
+void run_case(const Case& c, uint32_t seed, bool only_best = false) {
+  std::mt19937 ref_rng(seed);
+  const reference::QkvRopeWriteResult ref = [&] {
+    Problem pr(c, ref_rng);
+    return reference::qkv_rope_write(pr.desc, pr.args);
+  }();
+  for (CpuIsa isa : only_best ? std::vector<CpuIsa>{CpuIsa::best} : isas()) {
+    for (bool threaded : {false, true}) {
+      if (only_best && !threaded) continue;
+      SCOPED_TRACE(std::string("isa ") + name(isa) + (threaded ? ", ThreadPool(2)" : ", inline"));
+      std::mt19937 rng(seed);
+      Problem pr(c, rng);
+      Result<QkvRopeWritePlan> plan = QkvRopeWritePlan::select(pr.desc, Device::cpu(), isa);
+      if (isa == CpuIsa::avx2) {  // no AVX2 path: refused, never a silent fallback
+        EXPECT_TRUE(has_error(plan, Code::unavailable, "isa avx2"));
+        continue;
+      }
+      ASSERT_OK(plan);
+      ThreadPool pool(2);
+      Stream stream;
+      if (threaded) stream.pool = &pool;
+      ASSERT_OK(plan->run(stream, {}, pr.args));
+      const Precision p = plan->precision();
+      const int64_t dim = c.head_dim;
+      std::vector<float> q(ref.q.size());
+      to_float(c.q, pr.args.q_out.data, q.data(), q.size());
+      for (size_t i = 0; i < q.size(); ++i) {
+        if (!(std::fabs(q[i] - ref.q[i]) <= tolerance(ref.q[i], p, c.q, 0.0))) {
+          ASSERT_TRUE(close(q[i], ref.q[i], p, c.q, 0.0))
+              << "q token " << i / static_cast<size_t>(c.num_q_heads * dim) << " element "
+              << i % static_cast<size_t>(c.num_q_heads * dim);
+        }
+      }
+      expect_pool(pr, pr.args.kv.k_pages, pr.args.kv.k_scales, c.k, dim, ref.k, p, "k");
+      expect_pool(pr, pr.args.kv.v_pages, pr.args.kv.v_scales, c.v, c.head_dim_v, ref.v, p, "v");
+      // The spare page (not in the table) is never written.
+      const PageFormat& pf = pr.desc.cache.pages;
+      const std::vector<int32_t> used(pr.indices.begin(), pr.indices.end());
+      for (int32_t page = 0; page < pf.num_pages; ++page) {
+        if (std::find(used.begin(), used.end(), page) != used.end()) continue;
+        const size_t bytes =
+            static_cast<size_t>(pf.page_size * c.num_kv_heads * dim) * size_of(c.k);
+        const auto* base = static_cast<const uint8_t*>(pr.args.kv.k_pages.data) + page * bytes;
+        EXPECT_TRUE(std::all_of(base, base + bytes, [](uint8_t b) { return b == kPoison; }));
+      }
+    }
+  }
+}
+
+RopeConfig rope_variant(int i, int64_t head_dim) {
+  RopeConfig r;
+  r.max_position = 97;
+  switch (i % 6) {
+    case 0:
+      break;
+    case 1:
+      r.style = RopeStyle::gptj;
+      r.scaling = RopeScaling::linear;
+      r.factor = 2.5;
+      break;
+    case 2:
+      r.scaling = RopeScaling::llama3;
+      r.base = 500000.0;
+      r.factor = 8.0;
+      r.original_max_position = 64;
+      break;
+    case 3:
+      r.style = RopeStyle::gptj;
+      r.scaling = RopeScaling::yarn;
+      r.factor = 4.0;
+      r.original_max_position = 32;
+      break;
+    case 4:  // multi-section over the whole rotary dimension
+      r.mrope_section = {static_cast<int32_t>(head_dim / 2 - head_dim / 4),
+                         static_cast<int32_t>(head_dim / 4), 0, 0};
+      if (head_dim >= 8) {
+        r.mrope_section = {static_cast<int32_t>(head_dim / 4), static_cast<int32_t>(head_dim / 8),
+                           static_cast<int32_t>(head_dim / 2 - head_dim / 4 - head_dim / 8), 0};
+      }
+      break;
+    case 5:  // partial rotary dimension
+      r.rotary_dim = head_dim >= 4 ? (head_dim / 2) & ~int64_t{1} : 2;
+      r.style = RopeStyle::gptj;
+      break;
+  }
+  return r;
+}
+
+struct DTypes {
+  DType qkv, q, k, v;
+};
+constexpr DTypes kDTypes[] = {
+    {DType::f32, DType::f32, DType::f32, DType::f32},
+    {DType::bf16, DType::bf16, DType::bf16, DType::bf16},
+    {DType::f16, DType::f32, DType::f16, DType::bf16},
+    {DType::bf16, DType::bf16, DType::int8, DType::int8},
+    {DType::f16, DType::f16, DType::fp8_e4m3, DType::int8},
+    {DType::bf16, DType::f16, DType::int8, DType::fp8_e4m3},
+    {DType::f32, DType::bf16, DType::f32, DType::int8},
+};
+
+TEST(QkvRopeWrite, OddShapesMatchReference) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  int i = 0;
+  for (const DTypes& d : kDTypes) {
+    for (int variant = 0; variant < 6; ++variant, ++i) {
+      Case c;
+      c.num_q_heads = 3 + i % 3;
+      c.num_kv_heads = 1 + i % 3;
+      c.head_dim = i % 2 == 0 ? 6 : 10;
+      c.head_dim_v = 5;
+      c.page_size = 1 + i % 4;
+      c.layout = i % 3 == 0 ? PageLayout::hnd : PageLayout::nhd;
+      c.qkv = d.qkv, c.q = d.q, c.k = d.k, c.v = d.v;
+      c.qk_norm = i % 3 != 2;
+      c.offset = i % 2 == 0 ? 0.0f : 1.0f;
+      c.slot_mapping = i % 2 == 0;
+      c.rope = rope_variant(variant, c.head_dim);
+      SCOPED_TRACE("case " + std::to_string(i) + " dtypes " + name(d.qkv) + "/" + name(d.q) + "/" +
+                   name(d.k) + "/" + name(d.v) + " rope variant " + std::to_string(variant));
+      run_case(c, seed + static_cast<uint32_t>(i));
+    }
+  }
+}
+
+TEST(QkvRopeWrite, RealHeadDimsMatchReference) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  int i = 0;
+  for (int64_t dim : {64, 128, 256}) {
+    for (const DTypes& d : {kDTypes[1], kDTypes[3], kDTypes[4]}) {
+      Case c;
+      c.num_q_heads = 4;
+      c.num_kv_heads = 2;
+      c.head_dim = dim;
+      c.head_dim_v = dim;
+      c.num_tokens = 9;
+      c.page_size = 16;
+      c.layout = i % 2 == 0 ? PageLayout::nhd : PageLayout::hnd;
+      c.qkv = d.qkv, c.q = d.q, c.k = d.k, c.v = d.v;
+      c.qk_norm = i % 2 == 0;
+      c.rope = rope_variant(i, dim);
+      SCOPED_TRACE("head_dim " + std::to_string(dim) + " case " + std::to_string(i));
+      run_case(c, seed + static_cast<uint32_t>(i));
+      ++i;
+    }
+  }
+}
+
+// More than 4 MiB of output: the kernels stream the stores around the cache.
+TEST(QkvRopeWrite, LargeChunkMatchesReference) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  for (const DTypes& d : {DTypes{DType::bf16, DType::bf16, DType::int8, DType::bf16}}) {
+    Case c;
+    c.num_q_heads = 24;
+    c.num_kv_heads = 2;
+    c.head_dim = 128;
+    c.head_dim_v = 128;
+    c.num_tokens = 700;
+    c.page_size = 16;
+    c.qkv = d.qkv, c.q = d.q, c.k = d.k, c.v = d.v;
+    c.rope.max_position = 1024;
+    SCOPED_TRACE(std::string("k ") + name(d.k));
+    run_case(c, seed, /*only_best=*/true);
+  }
+}
+
+TEST(QkvRopeWrite, SelectRefusals) {
+  QkvRopeWriteDesc good;
+  good.num_q_heads = 4;
+  good.cache.kv = {2, 8, 0, DType::bf16, DType::bf16};
+  good.cache.pages = {4, 16, PageLayout::nhd};
+  ASSERT_OK(QkvRopeWritePlan::select(good));
+  auto with = [&](auto edit) {
+    QkvRopeWriteDesc d = good;
+    edit(d);
+    return QkvRopeWritePlan::select(d);
+  };
+  EXPECT_TRUE(has_error(with([](auto& d) { d.num_q_heads = 0; }), Code::invalid_argument,
+                        "qkv_rope_write: num_q_heads is 0, expected > 0"));
+  EXPECT_TRUE(has_error(with([](auto& d) { d.cache.kv.head_dim = 2048; }), Code::invalid_argument,
+                        "head_dim is 2048, expected <= 1024"));
+  EXPECT_TRUE(has_error(with([](auto& d) { d.qkv_dtype = DType::int8; }), Code::invalid_argument,
+                        "qkv_dtype is int8, expected one of f32, f16, bf16"));
+  EXPECT_TRUE(has_error(with([](auto& d) { d.q_dtype = DType::f64; }), Code::invalid_argument,
+                        "q_dtype is f64"));
+  EXPECT_TRUE(has_error(with([](auto& d) { d.cache.kv.k_dtype = DType::fp8_e5m2; }),
+                        Code::invalid_argument, "k_dtype is fp8_e5m2"));
+  EXPECT_TRUE(
+      has_error(with([](auto& d) { d.norm_eps = -1.0f; }), Code::invalid_argument, "norm_eps"));
+  EXPECT_TRUE(has_error(with([](auto& d) { d.rope.rotary_dim = 3; }), Code::invalid_argument,
+                        "rope rotary_dim is 3"));
+  EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cuda(0)), Code::unavailable,
+                        "expected cpu"));
+  if (!cpu_supports(CpuIsa::avx512)) {
+    EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cpu(), CpuIsa::avx512),
+                          Code::unavailable, "isa avx512"));
+  }
+}
+
+TEST(QkvRopeWrite, RefusalsWriteNothing) {
+  std::mt19937 rng(test_seed());
+  Case c;
+  c.qkv = c.q = DType::bf16;
+  c.k = DType::int8;
+  c.qk_norm = true;
+  c.rope.max_position = 50;
+  Problem pr(c, rng);
+  Result<QkvRopeWritePlan> plan = QkvRopeWritePlan::select(pr.desc);
+  ASSERT_OK(plan);
+  const std::vector<std::vector<uint64_t>> before = pr.outputs();
+  auto refused = [&](auto edit, Code code, const std::string& fragment) {
+    QkvRopeWriteArgs a = pr.args;
+    std::vector<int32_t> positions = pr.positions;
+    std::vector<int64_t> slots = pr.slot_mapping;
+    a.positions = positions;
+    a.slots.slot_mapping = slots;
+    edit(a, positions, slots);
+    EXPECT_TRUE(has_error(plan->can_implement(a), code, fragment));
+    EXPECT_TRUE(has_error(plan->run(Stream{}, {}, a), code, fragment));
+    EXPECT_EQ(pr.outputs(), before) << fragment;
+  };
+  using P = std::vector<int32_t>;
+  using S = std::vector<int64_t>;
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.qkv.dtype = DType::f16; }, Code::invalid_argument,
+          "qkv_rope_write: qkv has dtype f16, expected bf16");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.qkv.shape[1] -= 1; }, Code::invalid_argument,
+          "qkv dim 1 (row) is 45, expected 46");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.qkv.strides[0] = 5; }, Code::invalid_argument,
+          "qkv has row stride 5");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.qkv.strides[1] = 2; }, Code::invalid_argument,
+          "inside a row, expected 1");
+  refused([](QkvRopeWriteArgs& a, P& p, S&) { a.positions = std::span(p).first(3); },
+          Code::invalid_argument, "positions has 3 entries, expected num_tokens = 7");
+  refused([](QkvRopeWriteArgs&, P& p, S&) { p[2] = 50; }, Code::out_of_range,
+          "positions[2] is 50, expected in [0, max_position = 50)");
+  refused([](QkvRopeWriteArgs&, P& p, S&) { p[4] = -1; }, Code::out_of_range, "positions[4] is -1");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.k_norm_weight = TensorView(); },
+          Code::invalid_argument, "k_norm_weight has rank 0");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.q_norm_weight.shape[0] = 3; }, Code::invalid_argument,
+          "q_norm_weight dim 0 (head_dim) is 3, expected 6");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.q_out.shape[1] = 5; }, Code::invalid_argument,
+          "q_out dim 1 (num_q_heads) is 5, expected 4");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.q_out.dtype = DType::f32; }, Code::invalid_argument,
+          "q_out has dtype f32");
+  refused([&](QkvRopeWriteArgs& a, P&, S&) { a.q_out.data = pr.qkv.data(); },
+          Code::invalid_argument, "q_out overlaps qkv");
+  refused([](QkvRopeWriteArgs&, P&, S& s) { s[1] = 1000; }, Code::out_of_range,
+          "slot_mapping[1] is 1000");
+  refused(
+      [](QkvRopeWriteArgs& a, P&, S&) {
+        a.slots.batch_indices = std::span<const int32_t>();
+        a.slots.slot_mapping = {};
+      },
+      Code::invalid_argument, "neither");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.kv.k_pages.dtype = DType::bf16; },
+          Code::invalid_argument, "k_pages has dtype bf16, expected int8");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.kv.k_scales = TensorView(); }, Code::invalid_argument,
+          "k_scales");
+  refused([](QkvRopeWriteArgs& a, P&, S&) { a.kv.v_pages.shape[0] = 1; }, Code::invalid_argument,
+          "v_pages dim 0 (num_pages) is 1, expected 5");
+  Stream cuda;
+  cuda.device = Device::cuda(0);
+  EXPECT_TRUE(has_error(plan->run(cuda, {}, pr.args), Code::unavailable, "expected cpu"));
+  EXPECT_EQ(pr.outputs(), before);
+
+  // Without qk_norm the weights must be absent.
+  Case plain = c;
+  plain.qk_norm = false;
+  std::mt19937 rng2(test_seed());
+  Problem pp(plain, rng2);
+  Result<QkvRopeWritePlan> plan2 = QkvRopeWritePlan::select(pp.desc);
+  ASSERT_OK(plan2);
+  QkvRopeWriteArgs a = pp.args;
+  a.q_norm_weight = pr.args.q_norm_weight;
+  EXPECT_TRUE(has_error(plan2->can_implement(a), Code::invalid_argument,
+                        "q_norm_weight is given without qk_norm, expected none"));
+}
+
+}  // namespace
+}  // namespace kvcache
