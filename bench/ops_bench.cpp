@@ -7,6 +7,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -117,7 +118,9 @@ TensorView scales_or_empty(Arena& arena, DType dtype, std::initializer_list<int6
 // --- attention ---
 
 Result<Case> attention_case(Stream stream, int64_t batch, int64_t context, DType kv_dtype,
-                            bool paged, int64_t new_tokens) {
+                            std::optional<PageLayout> layout, int64_t new_tokens) {
+  const bool paged = layout.has_value();
+  const bool nhd = layout == PageLayout::nhd;
   auto arena = std::make_shared<Arena>();
   AttentionDesc d;
   d.num_q_heads = kQHeads;
@@ -127,7 +130,7 @@ Result<Case> attention_case(Stream stream, int64_t batch, int64_t context, DType
   d.max_seq_len = context;
   d.max_q_tokens = batch * new_tokens;
   const int64_t pages_per_seq = (context + kPageSize - 1) / kPageSize;
-  if (paged) d.pages = PageFormat{batch * pages_per_seq, kPageSize, PageLayout::nhd};
+  if (paged) d.pages = PageFormat{batch * pages_per_seq, kPageSize, *layout};
   const bool extend = new_tokens > 1;
 
   auto args = std::make_shared<AttentionArgs>();
@@ -143,10 +146,11 @@ Result<Case> attention_case(Stream stream, int64_t batch, int64_t context, DType
   if (extend) args->q_indptr = *q_indptr;
   if (paged) {
     const int64_t n = d.pages->num_pages;
-    args->paged.k_pages = arena->tensor(kv_dtype, {n, kPageSize, kKVHeads, kHeadDim});
-    args->paged.v_pages = arena->tensor(kv_dtype, {n, kPageSize, kKVHeads, kHeadDim});
-    args->paged.k_scales = scales_or_empty(*arena, kv_dtype, {n, kPageSize, kKVHeads});
-    args->paged.v_scales = scales_or_empty(*arena, kv_dtype, {n, kPageSize, kKVHeads});
+    const int64_t a = nhd ? kPageSize : kKVHeads, b = nhd ? kKVHeads : kPageSize;
+    args->paged.k_pages = arena->tensor(kv_dtype, {n, a, b, kHeadDim});
+    args->paged.v_pages = arena->tensor(kv_dtype, {n, a, b, kHeadDim});
+    args->paged.k_scales = scales_or_empty(*arena, kv_dtype, {n, a, b});
+    args->paged.v_scales = scales_or_empty(*arena, kv_dtype, {n, a, b});
     args->page_table = {table->indptr, table->indices};
   } else {
     args->contiguous.k = arena->tensor(kv_dtype, {batch, kKVHeads, context, kHeadDim});
@@ -162,7 +166,8 @@ Result<Case> attention_case(Stream stream, int64_t batch, int64_t context, DType
   c.op = extend ? "extend_attention" : "decode_attention";
   c.shape = (extend ? "b" + std::to_string(batch) + " q" + std::to_string(new_tokens) + " ctx"
                     : "b" + std::to_string(batch) + " ctx") +
-            std::to_string(context) + (paged ? " paged16" : " contiguous");
+            std::to_string(context) +
+            (paged ? (nhd ? " paged16 nhd" : " paged16 hnd") : " contiguous");
   c.dtype = std::string("kv ") + name(kv_dtype);
   const double kv_elems = static_cast<double>(batch * context * kKVHeads * kHeadDim);
   const double scale_bytes =
@@ -399,15 +404,18 @@ Result<Report> run_ops_bench(const OpsBenchOptions& options) {
   for (int64_t batch : {1, 8}) {
     for (int64_t context : contexts) {
       for (DType dtype : {DType::bf16, DType::f16, DType::int8, DType::fp8_e4m3}) {
-        for (bool paged : {false, true}) {
-          cases.push_back([=] { return attention_case(stream, batch, context, dtype, paged, 1); });
+        for (std::optional<PageLayout> layout :
+             {std::optional<PageLayout>(), std::optional(PageLayout::nhd),
+              std::optional(PageLayout::hnd)}) {
+          cases.push_back([=] { return attention_case(stream, batch, context, dtype, layout, 1); });
         }
       }
     }
   }
   const int64_t chunk = options.quick ? 256 : 4096;
   for (DType dtype : {DType::bf16, DType::int8}) {
-    cases.push_back([=] { return attention_case(stream, 1, chunk, dtype, true, chunk / 8); });
+    cases.push_back(
+        [=] { return attention_case(stream, 1, chunk, dtype, PageLayout::nhd, chunk / 8); });
   }
   for (DType dtype : {DType::bf16, DType::f32}) {
     cases.push_back([=] { return kv_append_case(stream, chunk, dtype); });

@@ -18,10 +18,7 @@
 #include "backend/cpu/attention_kernels.h"
 
 #if defined(__x86_64__)
-// GCC 12 reports the _mm512_undefined_* placeholders inside its own intrinsics as maybe
-// uninitialized once they are inlined here.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#include "backend/cpu/x86_intrinsics.h"
 
 #define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
 #define KV_AVX512_INLINE KV_AVX512 inline __attribute__((always_inline))
