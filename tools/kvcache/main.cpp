@@ -15,7 +15,7 @@ constexpr const char* kUsage =
     "commands:\n"
     "  demo    decode with a small deterministic transformer over the per-sequence caches and\n"
     "          check every step against a recompute without cache (the main job)\n"
-    "  bench   time the library (suites: manager); prints a table, writes JSON\n"
+    "  bench   time the library (suites: ops, manager); prints a table, writes JSON\n"
     "\n"
     "Run 'kvcache <command> --help' for a command's options.\n";
 
