@@ -81,9 +81,9 @@ namespace detail {
 struct AttentionPlanState {
   AttentionDesc desc;
   bool extend = false;
-  bool avx512 = false;     // the AVX-512 row loops; else the portable ones
-  int64_t chunk = 0;       // keys per chunk (resolved)
-  int64_t max_chunks = 0;  // chunks of a max_seq_len context
+  CpuIsa isa = CpuIsa::portable;  // the row loops run: portable, avx2 or avx512
+  int64_t chunk = 0;              // keys per chunk (resolved)
+  int64_t max_chunks = 0;         // chunks of a max_seq_len context
 };
 }  // namespace detail
 
@@ -92,8 +92,8 @@ class KVCACHE_API DecodeAttentionPlan {
  public:
   // Intentionally copyable.
   // invalid_argument: desc malformed or unsupported (the message lists the supported set);
-  // unavailable: Device::cuda (the CUDA backend is issue 5), isa avx2 (no such loops), or a forced
-  // isa this CPU lacks / whose self-test failed.
+  // unavailable: Device::cuda (the CUDA backend is issue 5), or a forced isa this CPU lacks /
+  // whose self-test failed. best: avx512, else avx2, else portable.
   static Result<DecodeAttentionPlan> select(const AttentionDesc& desc,
                                             Device device = Device::cpu(),
                                             CpuIsa isa = CpuIsa::best);
@@ -106,7 +106,7 @@ class KVCACHE_API DecodeAttentionPlan {
   // invalid_argument for a stream on another device; then the work, over stream.pool when set.
   // A refused call writes nothing. Allocates nothing.
   Status run(const Stream& stream, std::span<std::byte> workspace, const AttentionArgs& args) const;
-  [[nodiscard]] const char* sku() const;  // "cpu.avx512" or "cpu.portable"
+  [[nodiscard]] const char* sku() const;  // "cpu.avx512", "cpu.avx2" or "cpu.portable"
   // Per element of o and lse against reference::attention (module comment of the .cpp derives it).
   [[nodiscard]] Precision precision() const;
   [[nodiscard]] const AttentionDesc& desc() const { return state_.desc; }

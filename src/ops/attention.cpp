@@ -28,6 +28,7 @@ namespace kvcache {
 namespace cpu {
 size_t attention_workspace_size(const detail::AttentionPlanState& plan);
 bool attention_avx512_usable();
+bool attention_avx2_usable();
 void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& args,
                    std::span<std::byte> workspace, ThreadPool* pool);
 }  // namespace cpu
@@ -105,23 +106,22 @@ Result<detail::AttentionPlanState> select_state(const AttentionDesc& desc, Devic
   detail::AttentionPlanState st;
   st.desc = desc;
   st.extend = extend;
+  const bool avx512 = cpu::attention_avx512_usable();
+  const bool avx2 = cpu::attention_avx2_usable();
   switch (isa) {
     case CpuIsa::best:
-      st.avx512 = cpu::attention_avx512_usable();
+      st.isa = avx512 ? CpuIsa::avx512 : avx2 ? CpuIsa::avx2 : CpuIsa::portable;
       break;
     case CpuIsa::portable:
       break;
     case CpuIsa::avx2:
-      return Status::unavailable(op +
-                                 ": isa avx2 has no attention loops, expected best, "
-                                 "portable or avx512");
     case CpuIsa::avx512:
-      if (!cpu::attention_avx512_usable()) {
-        return Status::unavailable(op +
-                                   ": isa avx512 is unavailable (CPU lacks it or its "
-                                   "self-test failed), expected best or portable");
+      if (!(isa == CpuIsa::avx512 ? avx512 : avx2)) {
+        return Status::unavailable(op + ": isa " + name(isa) +
+                                   " is unavailable (CPU lacks it or its self-test failed), "
+                                   "expected best or portable");
       }
-      st.avx512 = true;
+      st.isa = isa;
       break;
   }
   const int64_t page = desc.pages ? desc.pages->page_size : 1;
@@ -311,7 +311,14 @@ Precision plan_precision(const detail::AttentionPlanState& plan) {
 }
 
 const char* plan_sku(const detail::AttentionPlanState& plan) {
-  return plan.avx512 ? "cpu.avx512" : "cpu.portable";
+  switch (plan.isa) {
+    case CpuIsa::avx512:
+      return "cpu.avx512";
+    case CpuIsa::avx2:
+      return "cpu.avx2";
+    default:
+      return "cpu.portable";
+  }
 }
 
 }  // namespace

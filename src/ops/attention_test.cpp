@@ -255,16 +255,17 @@ class Problem {
   std::vector<float> sinks_;
 };
 
-// The ISAs this CPU runs for attention: portable, and avx512 when usable.
+// The ISAs this CPU runs for attention: portable, and avx2 / avx512 when usable.
 std::vector<CpuIsa> isas() {
   std::vector<CpuIsa> out = {CpuIsa::portable};
   AttentionDesc d;
   d.num_q_heads = 1;
   d.kv = KVFormat{1, 4};
   d.max_seq_len = 1;
-  if (cpu_supports(CpuIsa::avx512) &&
-      DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512).ok()) {
-    out.push_back(CpuIsa::avx512);
+  for (CpuIsa isa : {CpuIsa::avx2, CpuIsa::avx512}) {
+    if (cpu_supports(isa) && DecodeAttentionPlan::select(d, Device::cpu(), isa).ok()) {
+      out.push_back(isa);
+    }
   }
   return out;
 }
@@ -411,6 +412,32 @@ TEST(Attention, PagedEqualsContiguousEqualsReference) {
           expect_close(a, want, prec.abs_tol, prec.rel_tol, what + " paged");
           expect_close(b, want, prec.abs_tol, prec.rel_tol, what + " contiguous");
         }
+      }
+    }
+  }
+}
+
+// Decode over pages hands one work item several kv heads when there are enough chunks (all 8
+// heads at group 4; 4 + 1 at group 8, 5 kv heads), walking each page head by head.
+TEST(Attention, PagedDecodeWithSeveralKvHeadsPerItem) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  for (auto [hq, hkv] : {std::pair<int64_t, int64_t>{32, 8}, {40, 5}, {12, 6}}) {
+    for (DType dt : {DType::bf16, DType::int8}) {
+      for (PageLayout layout : {PageLayout::nhd, PageLayout::hnd}) {
+        Config cfg;
+        cfg.hq = hq;
+        cfg.hkv = hkv;
+        cfg.dim = 64;
+        cfg.k = cfg.v = dt;
+        cfg.q = cfg.o = DType::bf16;
+        cfg.seq_lens = {40, 33, 70, 5};
+        cfg.page_size = hkv == 6 ? 3 : 16;
+        cfg.layout = layout;
+        cfg.chunk = hkv == 6 ? 15 : 16;  // 12 chunks (13 at 15)
+        check_problem(cfg, seed,
+                      "heads " + std::to_string(hq) + "/" + std::to_string(hkv) + " " + name(dt) +
+                          " " + name(layout));
       }
     }
   }
@@ -597,8 +624,10 @@ TEST(Attention, SelectRefusesBadDescriptors) {
       has_error(ExtendAttentionPlan::select(d), Code::invalid_argument, "max_q_tokens is 0"));
   EXPECT_TRUE(has_error(DecodeAttentionPlan::select(good, Device::cuda(0)), Code::unavailable,
                         "expected cpu"));
-  EXPECT_TRUE(has_error(DecodeAttentionPlan::select(good, Device::cpu(), CpuIsa::avx2),
-                        Code::unavailable, "isa avx2"));
+  if (!cpu_supports(CpuIsa::avx2)) {
+    EXPECT_TRUE(has_error(DecodeAttentionPlan::select(good, Device::cpu(), CpuIsa::avx2),
+                          Code::unavailable, "isa avx2"));
+  }
   if (!cpu_supports(CpuIsa::avx512)) {
     EXPECT_TRUE(has_error(DecodeAttentionPlan::select(good, Device::cpu(), CpuIsa::avx512),
                           Code::unavailable, "isa avx512"));

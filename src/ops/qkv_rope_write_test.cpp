@@ -12,6 +12,7 @@
 
 #include "kvcache/thread_pool.h"
 
+#include "backend/cpu/rope_kernels.h"
 #include "ops/quantize.h"
 #include "reference/element.h"
 #include "reference/rope.h"
@@ -491,6 +492,68 @@ TEST(QkvRopeWrite, RefusalsWriteNothing) {
   a.q_norm_weight = pr.args.q_norm_weight;
   EXPECT_TRUE(has_error(plan2->can_implement(a), Code::invalid_argument,
                         "q_norm_weight is given without qk_norm, expected none"));
+}
+
+// The AVX-512 quantize and dequantize rows (qkv_rope_write's K/V, rope_shift's K) against the
+// portable ones, bit for bit: smooth rows (the 64-wide clean path), rows with fp8 / int8 ties at
+// inv = 1, rows with a NaN, an infinity or only denormals, and odd lengths (tails).
+TEST(QkvRopeWriteRows, Avx512QuantizeMatchesPortable) {
+  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512 on this CPU";
+  const cpu::RopeKernels* fast = cpu::rope_kernels(CpuIsa::avx512);
+  ASSERT_NE(fast, nullptr) << "the AVX-512 rope kernels failed their self-test";
+  const cpu::RopeKernels* slow = cpu::rope_kernels(CpuIsa::portable);
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  constexpr int64_t kMax = 256;
+  for (int trial = 0; trial < 400; ++trial) {
+    const int64_t n =
+        trial % 3 == 0 ? 128 : (trial % 3 == 1 ? 64 : 1 + static_cast<int64_t>(rng() % kMax));
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& v : x) v = normal(rng) * std::ldexp(1.0f, static_cast<int>(rng() % 40) - 20);
+    const auto at = static_cast<size_t>(rng() % static_cast<uint32_t>(n));
+    switch (trial % 8) {
+      case 1:
+        x[at] = NAN;
+        break;
+      case 2:
+        x[at] = -INFINITY;
+        break;
+      case 3:
+        for (float& v : x) v *= 1e-39f;
+        break;
+      case 4:  // ties: absmax 448 or 127, halves in between
+        for (size_t i = 0; i < x.size(); ++i) x[i] = std::round(x[i] * 8.0f) * 0.5f + 0.25f;
+        x[at] = trial % 16 < 8 ? 448.0f : 127.0f;
+        break;
+      default:
+        break;
+    }
+    for (DType d : {DType::int8, DType::fp8_e4m3}) {
+      SCOPED_TRACE(std::string(name(d)) + " n " + std::to_string(n) + " trial " +
+                   std::to_string(trial));
+      std::vector<uint8_t> a(kMax, 0x5a), b(kMax, 0x5a);
+      const float sa = slow->quantize(x.data(), d, a.data(), n, false);
+      const float sb = fast->quantize(x.data(), d, b.data(), n, trial % 2 == 0);
+      fast->fence();
+      EXPECT_EQ(a, b);
+      EXPECT_EQ(std::memcmp(&sa, &sb, sizeof sa), 0);
+      for (DType src : {DType::bf16, DType::f16}) {  // V: quantized from the input dtype
+        std::vector<uint16_t> row(static_cast<size_t>(n));
+        slow->store(x.data(), src, row.data(), n, false);
+        std::vector<uint8_t> c(kMax, 0x5a), e(kMax, 0x5a);
+        const float sc = slow->quantize_from(src, row.data(), d, c.data(), n, false);
+        const float se = fast->quantize_from(src, row.data(), d, e.data(), n, false);
+        EXPECT_EQ(c, e) << name(src);
+        EXPECT_EQ(std::memcmp(&sc, &se, sizeof sc), 0) << name(src);
+      }
+      std::vector<float> fa(static_cast<size_t>(n)), fb(static_cast<size_t>(n));
+      slow->dequantize(d, a.data(), sa, fa.data(), n);
+      fast->dequantize(d, a.data(), sa, fb.data(), n);
+      EXPECT_EQ(std::memcmp(fa.data(), fb.data(), fa.size() * sizeof(float)), 0);
+    }
+  }
 }
 
 }  // namespace

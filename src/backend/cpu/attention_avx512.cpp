@@ -105,6 +105,23 @@ KV_AVX512_INLINE void prefetch_span(const T* p, int64_t elements) {
   _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
 }
 
+// Prefetches row r of `rows`; r past count reads into rows.next (if it has r), with its scale
+// (a page's scales are few lines, so they are fetched only as the walk enters it).
+template <class T>
+KV_AVX512_INLINE void prefetch_row(const KVRows& rows, int64_t r) {
+  if (r < rows.count) {
+    prefetch_span(static_cast<const T*>(rows.data) + r * rows.stride, rows.dim);
+    return;
+  }
+  r -= rows.count;
+  if (r >= rows.next_count) return;
+  prefetch_span(static_cast<const T*>(rows.next) + r * rows.stride, rows.dim);
+  if (rows.next_scales != nullptr) {
+    _mm_prefetch(reinterpret_cast<const char*>(rows.next_scales + r * rows.scale_stride),
+                 _MM_HINT_T0);
+  }
+}
+
 inline float row_scale(const KVRows& rows, int64_t t, float factor) {
   return rows.scales == nullptr ? factor : rows.scales[t * rows.scale_stride] * factor;
 }
@@ -159,13 +176,12 @@ KV_AVX512 void score_pass(const float* q, const KVRows& k, float* s) {
   const int64_t full = dim / 16;
   const auto tail = static_cast<__mmask16>((1u << (dim % 16)) - 1u);
   const bool scaled = k.scales != nullptr || L::kFactor != 1.0f;
+  const KVRows pf = k;  // a local copy: the stores to s cannot alias it
   int64_t t = 0;
   for (; t + R <= n; t += R) {
     const T* rows[R];
     for (int r = 0; r < R; ++r) rows[r] = base + (t + r) * k.stride;
-    for (int64_t r = t + kPrefetchRows; r < t + kPrefetchRows + R && r < n; ++r) {
-      prefetch_span(base + r * k.stride, dim);
-    }
+    for (int r = 0; r < R; ++r) prefetch_row<T>(pf, t + kPrefetchRows + r);
     __m512 acc[16];
     for (auto& a : acc) a = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; ++c) {
@@ -225,12 +241,13 @@ KV_AVX512 void score_pass(const float* q, const KVRows& k, float* s) {
 }
 
 // acc[g][d0, d0 + 16 * T) += sum_t w[g * w_stride + t] * v[t][d0, ...) for g < G, t < n; the
-// last 16-element chunk is masked by `last` when kMasked. The first tile of a row prefetches the
-// whole row ahead (`prefetch` elements), so later tiles find it in cache.
+// last 16-element chunk is masked by `last` when kMasked. The first tile of a row prefetches
+// whole rows ahead (row t_base + t + kPrefetchRows of `ahead`, when given), so later tiles find
+// them in cache.
 template <class L, int G, int T, bool kMasked>
 KV_AVX512 void accumulate_tile(const float* w, int64_t w_stride, const typename L::T* rows,
                                int64_t stride, int64_t n, int64_t dim, int64_t d0, __mmask16 last,
-                               int64_t prefetch, float* acc) {
+                               const KVRows* ahead, int64_t t_base, float* acc) {
   __m512 a[G][T];
   for (int g = 0; g < G; ++g) {
     for (int j = 0; j < T; ++j) {
@@ -238,11 +255,10 @@ KV_AVX512 void accumulate_tile(const float* w, int64_t w_stride, const typename 
       a[g][j] = kMasked && j == T - 1 ? _mm512_maskz_loadu_ps(last, p) : _mm512_loadu_ps(p);
     }
   }
+  const KVRows pf = ahead != nullptr ? *ahead : KVRows{};  // a local copy: fields stay in registers
   for (int64_t t = 0; t < n; ++t) {
     const typename L::T* row = rows + t * stride + d0;
-    if (prefetch > 0 && t + kPrefetchRows < n) {
-      prefetch_span(rows + (t + kPrefetchRows) * stride, prefetch);
-    }
+    if (ahead != nullptr) prefetch_row<typename L::T>(pf, t_base + t + kPrefetchRows);
     __m512 v[T];
     for (int j = 0; j < T; ++j) {
       v[j] = kMasked && j == T - 1 ? L::load_tail(row + 16 * j, last) : L::load(row + 16 * j);
@@ -268,7 +284,8 @@ KV_AVX512 void accumulate_tile(const float* w, int64_t w_stride, const typename 
 // then the masked tail chunk.
 template <class L, int G>
 KV_AVX512 void accumulate_pass(const float* w, int64_t w_stride, const typename L::T* rows,
-                               int64_t stride, int64_t n, int64_t dim, float* acc) {
+                               int64_t stride, int64_t n, int64_t dim, const KVRows* ahead,
+                               int64_t t_base, float* acc) {
   constexpr int kMaxTile = 16 / G < 8 ? 16 / G : 8;
   int64_t chunks = dim / 16;
   int64_t d0 = 0;
@@ -278,26 +295,26 @@ KV_AVX512 void accumulate_pass(const float* w, int64_t w_stride, const typename 
     if constexpr (kMaxTile >= 8) {
       if (tile == 8)
         accumulate_tile<L, G, 8, false>(w, w_stride, rows, stride, n, dim, d0, kFullMask,
-                                        d0 == 0 ? dim : 0, acc);
+                                        d0 == 0 ? ahead : nullptr, t_base, acc);
     }
     if constexpr (kMaxTile >= 4) {
       if (tile == 4)
         accumulate_tile<L, G, 4, false>(w, w_stride, rows, stride, n, dim, d0, kFullMask,
-                                        d0 == 0 ? dim : 0, acc);
+                                        d0 == 0 ? ahead : nullptr, t_base, acc);
     }
     if (tile == 2)
       accumulate_tile<L, G, 2, false>(w, w_stride, rows, stride, n, dim, d0, kFullMask,
-                                      d0 == 0 ? dim : 0, acc);
+                                      d0 == 0 ? ahead : nullptr, t_base, acc);
     if (tile == 1)
       accumulate_tile<L, G, 1, false>(w, w_stride, rows, stride, n, dim, d0, kFullMask,
-                                      d0 == 0 ? dim : 0, acc);
+                                      d0 == 0 ? ahead : nullptr, t_base, acc);
     chunks -= tile;
     d0 += 16 * tile;
   }
   if (dim % 16 != 0) {
     const auto last = static_cast<__mmask16>((1u << (dim % 16)) - 1u);
-    accumulate_tile<L, G, 1, true>(w, w_stride, rows, stride, n, dim, d0, last, d0 == 0 ? dim : 0,
-                                   acc);
+    accumulate_tile<L, G, 1, true>(w, w_stride, rows, stride, n, dim, d0, last,
+                                   d0 == 0 ? ahead : nullptr, t_base, acc);
   }
 }
 
@@ -321,7 +338,7 @@ KV_AVX512 void accumulate_heads(const float* p, int64_t n_total, const KVRows& v
       w = buf;
       w_stride = kSegmentRows;
     }
-    accumulate_pass<L, G>(w, w_stride, base + t0 * v.stride, v.stride, n, v.dim, acc);
+    accumulate_pass<L, G>(w, w_stride, base + t0 * v.stride, v.stride, n, v.dim, &v, t0, acc);
   }
 }
 

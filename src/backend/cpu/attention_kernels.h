@@ -22,6 +22,11 @@ struct KVRows {
   int64_t scale_stride = 0;
   int64_t count = 0;  // rows
   int64_t dim = 0;    // elements per row
+  // The rows that follow (the next page): the loops keep prefetching a few rows ahead into them
+  // as these end. nullptr: none.
+  const void* next = nullptr;
+  const float* next_scales = nullptr;  // when scales != nullptr
+  int64_t next_count = 0;              // rows of next, `stride` apart
 };
 
 // s[g * n + t] = sum_d q[g * dim + d] * k[t][d] * k_scale[t], for g < group, t < n = k.count.

@@ -2,7 +2,8 @@
 // paged_append on the CPU: per (token, kv head) row, a copy, a conversion or a quantization into
 // the slot's row of the pool. Portable rows use dtype.h's scalar conversions; the AVX-512 rows
 // reproduce them bit for bit with integer rounding on the float bits (not vcvtneps2bf16, which
-// flushes denormals), checked by a known-answer self-test before use.
+// flushes denormals) and quantize with backend/cpu/quantize_avx512.h (shared with the RoPE ops),
+// checked by a known-answer self-test before use.
 
 #include <cmath>
 #include <cstring>
@@ -11,7 +12,7 @@
 #include <type_traits>
 
 #include "backend/cpu/append_kernels.h"
-#include "backend/cpu/x86_intrinsics.h"
+#include "backend/cpu/quantize_avx512.h"
 #include "ops/quantize.h"
 
 namespace kvcache::cpu {
@@ -105,146 +106,8 @@ WriteRowFn portable_write_row(DType src, DType dst) {
 // --- AVX-512 rows ---
 
 #if defined(__x86_64__)
-#define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 namespace {
-
-KV_AVX512 inline __m512i splat(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
-
-// Lanes holding a NaN (float bits with the sign cleared above the infinity pattern).
-KV_AVX512 inline __mmask16 nan_lanes(__m512i bits) {
-  return _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, splat(0x7fffffffu)), splat(0x7f800000u));
-}
-
-KV_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-KV_AVX512 inline __m512 load16(const f16_t* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-// bf16 is the top half of a float; NaN made quiet as bf16_to_float does.
-KV_AVX512 inline __m512 load16(const bf16_t* p, __mmask16 m) {
-  __m512i x = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16);
-  x = _mm512_mask_or_epi32(x, nan_lanes(x), x, splat(0x00400000u));
-  return _mm512_castsi512_ps(x);
-}
-
-KV_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-// Round to nearest even on the bits (overflow carries into inf); NaN -> sign | 0x7fc0.
-KV_AVX512 inline void store16(bf16_t* p, __m512 v, __mmask16 m) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), splat(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, splat(0x7fffu)), lsb), 16);
-  const __m512i qnan = _mm512_or_si512(
-      _mm512_srli_epi32(_mm512_and_si512(x, splat(0x80000000u)), 16), splat(0x7fc0u));
-  r = _mm512_mask_mov_epi32(r, nan_lanes(x), qnan);
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
-}
-// The hardware conversion rounds to nearest even with IEEE subnormals and overflow to inf, as
-// float_to_f16 does; only its NaN payloads differ: NaN -> sign | 0x7e00.
-KV_AVX512 inline void store16(f16_t* p, __m512 v, __mmask16 m) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i qnan = _mm512_or_si512(
-      _mm512_srli_epi32(_mm512_and_si512(x, splat(0x80000000u)), 16), splat(0x7e00u));
-  const __m256i r = _mm256_mask_mov_epi16(h, nan_lanes(x), _mm512_cvtepi32_epi16(qnan));
-  _mm256_mask_storeu_epi16(p, m, r);
-}
-// 16 bytes, or the masked ones (a full store avoids the slow masked form of vpmovdb to memory).
-KV_AVX512 inline void store_bytes(void* p, __m128i v, __mmask16 m) {
-  if (m == 0xffff) {
-    _mm_storeu_si128(static_cast<__m128i*>(p), v);
-  } else {
-    _mm_mask_storeu_epi8(p, m, v);
-  }
-}
-// float_to_int8: NaN -> 0, saturate to [-128, 127], round to nearest even.
-KV_AVX512 inline void store16(int8_t* p, __m512 v, __mmask16 m) {
-  const __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
-  const __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f));
-  const __m512i i = _mm512_maskz_mov_epi32(
-      ordered, _mm512_cvt_roundps_epi32(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  store_bytes(p, _mm512_cvtepi32_epi8(i), m);
-}
-// float_to_fp8_e4m3 with Saturation::finite. Normal results (|x| >= 2^-6): round the float bits
-// to 3 mantissa bits and rebias the exponent (127 - 7); subnormals (step 2^-9): add 2^14, whose
-// ulp is 2^-9, and read the count of steps off the low bits. Then clamp to 448 (0x7e), NaN 0x7f.
-KV_AVX512 inline void store16(fp8_e4m3_t* p, __m512 v, __mmask16 m) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m512i abs = _mm512_and_si512(x, splat(0x7fffffffu));
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(abs, 20), splat(1));
-  const __m512i normal = _mm512_sub_epi32(
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(abs, splat(0x7ffffu)), lsb), 20),
-      splat(120u << 3));
-  const __m512 magic = _mm512_set1_ps(16384.0f);
-  const __m512 shifted = _mm512_add_round_ps(_mm512_castsi512_ps(abs), magic,
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512i sub = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_castps_si512(magic));
-  const __mmask16 is_sub = _mm512_cmplt_epu32_mask(abs, splat(0x3c800000u));  // 2^-6
-  __m512i r = _mm512_min_epu32(_mm512_mask_mov_epi32(normal, is_sub, sub), splat(0x7eu));
-  r = _mm512_mask_mov_epi32(r, nan_lanes(x), splat(0x7fu));
-  r = _mm512_or_si512(r, _mm512_srli_epi32(_mm512_and_si512(x, splat(0x80000000u)), 24));
-  store_bytes(p, _mm512_cvtepi32_epi8(r), m);
-}
-
-KV_AVX512 inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? static_cast<__mmask16>(0xffff)
-                    : static_cast<__mmask16>((1u << static_cast<unsigned>(left)) - 1u);
-}
-
-// bf16 without the NaN quieting of load16, for uses where a NaN's payload cannot show.
-KV_AVX512 inline __m512 load16_raw(const bf16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-template <class T>
-KV_AVX512 inline __m512 load16_raw(const T* p, __mmask16 m) {
-  return load16(p, m);
-}
-
-// ops::row_absmax of a row, on the bit patterns: with the sign cleared, the patterns of non-NaN
-// values order as their magnitudes, so an unsigned max over them (NaN lanes dropped, as fmax drops
-// a quiet NaN) gives the same float. NaN for an f32 row holding a signaling NaN, on which glibc's
-// fmax returns NaN and the rule's result depends on the order: the caller takes the portable loop.
-KV_AVX512 inline float row_absmax_avx512(const float* s, int64_t n) {
-  __m512i m = _mm512_setzero_si512();
-  __mmask16 signaling = 0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const __m512i a = _mm512_and_si512(
-        _mm512_castps_si512(_mm512_maskz_loadu_ps(tail_mask(n - i), s + i)), splat(0x7fffffffu));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, splat(0x7f800000u));
-    signaling =
-        static_cast<__mmask16>(signaling | (nan & _mm512_cmplt_epu32_mask(a, splat(0x7fc00000u))));
-    m = _mm512_max_epu32(m, _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), a));
-  }
-  if (signaling != 0) return std::numeric_limits<float>::quiet_NaN();
-  const uint32_t bits = _mm512_reduce_max_epu32(m);
-  float absmax;
-  std::memcpy(&absmax, &bits, sizeof absmax);
-  return absmax;
-}
-// f16 and bf16: 32 patterns per vector; NaN is above 0x7c00 (f16) or 0x7f80 (bf16).
-template <class T>
-KV_AVX512 inline float row_absmax_avx512(const T* s, int64_t n) {
-  constexpr uint16_t kInf = std::is_same_v<T, f16_t> ? 0x7c00 : 0x7f80;
-  const __m512i magnitude = _mm512_set1_epi16(0x7fff);
-  const __m512i inf = _mm512_set1_epi16(static_cast<short>(kInf));
-  __m512i m = _mm512_setzero_si512();
-  for (int64_t i = 0; i < n; i += 32) {
-    const __mmask32 k = n - i >= 32
-                            ? ~__mmask32{0}
-                            : static_cast<__mmask32>((1u << static_cast<unsigned>(n - i)) - 1u);
-    const __m512i a = _mm512_and_si512(_mm512_maskz_loadu_epi16(k, s + i), magnitude);
-    m = _mm512_max_epu16(m, _mm512_maskz_mov_epi16(~_mm512_cmpgt_epu16_mask(a, inf), a));
-  }
-  m = _mm512_max_epu32(_mm512_and_si512(m, splat(0xffffu)), _mm512_srli_epi32(m, 16));
-  const uint32_t bits = _mm512_reduce_max_epu32(m);  // not NaN: converts exactly
-  if constexpr (std::is_same_v<T, f16_t>) {
-    return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(bits))));
-  }
-  const uint32_t wide = bits << 16;
-  float absmax;
-  std::memcpy(&absmax, &wide, sizeof absmax);
-  return absmax;
-}
 
 template <class Src, class Dst>
 KV_AVX512 float avx512_row(const void* src, int64_t n, void* dst) {
@@ -254,20 +117,11 @@ KV_AVX512 float avx512_row(const void* src, int64_t n, void* dst) {
     std::memcpy(d, s, static_cast<size_t>(n) * sizeof(Src));
     return 0.0f;
   } else if constexpr (kQuantized<Dst>) {
-    const float absmax = row_absmax_avx512(s, n);
-    if (std::isnan(absmax)) return portable_row<Src, Dst>(src, n, dst);
-    const float inv = absmax > 0.0f ? kQMax<Dst> / absmax : 0.0f;
-    const __m512 vinv = _mm512_set1_ps(inv);
-    // NaN lanes need no quieting here: NaN * inv is a NaN of the same sign either way.
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 k = tail_mask(n - i);
-      store16(d + i, _mm512_mul_ps(load16_raw(s + i, k), vinv), k);
-    }
-    return absmax / kQMax<Dst>;
+    return q512::quantize_row(s, n, d);
   } else {
     for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 k = tail_mask(n - i);
-      store16(d + i, load16(s + i, k), k);
+      const __mmask16 k = q512::tail_mask(n - i);
+      q512::store16(d + i, q512::load16(s + i, k), k);
     }
     return 0.0f;
   }
@@ -291,8 +145,8 @@ WriteRowFn avx512_write_row(DType src, DType dst) { return portable_write_row(sr
 
 namespace {
 
-// Deterministic test values: special floats, fp8 / int8 rounding ties, and magnitudes from 2^-30
-// to 2^20 with random mantissas (an LCG, so every process tests the same inputs).
+// Deterministic test values: special floats, int8 rounding ties, magnitudes from 2^-30 to 2^20
+// with random mantissas, fp8 rounding ties (an LCG, so every process tests the same inputs).
 struct SelfTestInput {
   static constexpr int kN = 1536;
   float f32[kN];
@@ -319,11 +173,20 @@ struct SelfTestInput {
         std::memcpy(&bits, &v, sizeof v);
       } else if (i < 1024) {  // magnitudes 2^-30 .. 2^20, random mantissa and sign
         bits = (next() & 0x807fffffu) | ((97u + next() % 51u) << 23);
+      } else if (i < 1280) {  // fp8 ties (code midpoints) next to 448: inv is 1
+        const auto code = static_cast<uint8_t>((i * 7) % 0x7e);
+        const float v =
+            i % 32 == 0
+                ? 448.0f
+                : (fp8_e4m3_to_float(code) + fp8_e4m3_to_float(static_cast<uint8_t>(code + 1))) *
+                      (next() % 2 == 0 ? 0.5f : -0.5f);
+        std::memcpy(&bits, &v, sizeof v);
       } else {  // any bit pattern
         bits = next();
       }
       std::memcpy(&f32[i], &bits, sizeof bits);
-      f16[i] = static_cast<uint16_t>(i < 512 ? float_to_f16(f32[i]) : next() >> 16);
+      const bool exact = i < 512 || (i >= 1024 && i < 1280);  // values an f16 holds
+      f16[i] = static_cast<uint16_t>(exact ? float_to_f16(f32[i]) : next() >> 16);
       bf16[i] = static_cast<uint16_t>(bits >> 16);
     }
   }

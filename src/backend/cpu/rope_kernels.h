@@ -5,6 +5,7 @@
 // run time after a known-answer self-test against the portable set) and the two drivers the plans
 // of qkv_rope_write and rope_shift call once their arguments are checked.
 
+#include <cmath>
 #include <cstdint>
 
 #include "kvcache/dtype.h"
@@ -46,7 +47,66 @@ struct RopeKernels {
   void (*rope_head)(const void* src, DType src_dtype, const float* w, float offset, float eps,
                     const float* cos, const float* sin, int64_t num_freqs, RopeStyle style,
                     int64_t n, float* x) = nullptr;
+  // dst = ops::dequantize(src[i], scale); dtype int8 or fp8_e4m3.
+  void (*dequantize)(DType dtype, const void* src, float scale, float* dst, int64_t n) = nullptr;
+  // rope_head into x, then store(x, out_dtype, out, n, stream), or for int8 / fp8_e4m3 out_dtype
+  // quantize (returning the scale; else 0). x is scratch the ISA may leave unwritten (it keeps the
+  // row in registers). The same results as the two calls when folded is null; else folded holds
+  // [g1 cos | g2 sin | g2 cos | g1 sin] (g = offset + w, g1 its first num_freqs, g2 the rest),
+  // which an ISA may use for a neox head with n = 2 num_freqs and w set: the same values up to
+  // float rounding (the norm weights multiplied into the rotation).
+  float (*rope_head_out)(const void* src, DType src_dtype, const float* w, float offset, float eps,
+                         const float* cos, const float* sin, const float* folded, int64_t num_freqs,
+                         RopeStyle style, int64_t n, float* x, DType out_dtype, void* out,
+                         bool stream) = nullptr;
+  // load then quantize, without the float row in memory where the ISA can: the same results.
+  float (*quantize_from)(DType src_dtype, const void* src, DType dst_dtype, void* dst, int64_t n,
+                         bool stream) = nullptr;
+  // In place on a quantized row (int8 / fp8_e4m3) of n codes with scale: dequantize into x,
+  // rotate, quantize back into q; returns the new scale. The same results as the three calls.
+  float (*rotate_quantized)(DType dtype, void* q, float scale, const float* cos, const float* sin,
+                            int64_t num_freqs, RopeStyle style, int64_t n, float* x) = nullptr;
 };
+
+// Scalar pieces shared by the portable and the AVX-512 sets (the same float operations in both).
+
+// 1 / sqrt(mean of the squares + eps): the rms_norm factor.
+inline float norm_factor(float sum_squares, float eps, int64_t n) {
+  return 1.0f / std::sqrt(sum_squares / static_cast<float>(n) + eps);
+}
+
+// Pairs i in [begin, end): (x[i step], x[i step + stride_pair]) rotated by (c[i], s[i]).
+inline void rotate_pairs(float* x, int64_t stride_pair, int64_t step, const float* c,
+                         const float* s, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float* a = x + i * step;
+    float* b = a + stride_pair;
+    const float x1 = *a;
+    const float x2 = *b;
+    *a = x1 * c[i] - x2 * s[i];
+    *b = x2 * c[i] + x1 * s[i];
+  }
+}
+
+// neox: pair i is (x[i], x[i + nf]); gptj: (x[2i], x[2i + 1]).
+inline void rotate_range(float* x, const float* c, const float* s, int64_t nf, RopeStyle style,
+                         int64_t begin) {
+  if (style == RopeStyle::neox) {
+    rotate_pairs(x, nf, 1, c, s, begin, nf);
+  } else {
+    rotate_pairs(x, 1, 2, c, s, begin, nf);
+  }
+}
+
+// The AVX-512 set (rope_kernels_avx512.cpp), or nullptr when this CPU lacks AVX-512 or the set
+// failed its known-answer self-test against portable (run on every call: rope_kernels caches it).
+[[nodiscard]] const RopeKernels* avx512_rope_kernels(const RopeKernels& portable);
+
+#if defined(__x86_64__)
+// qkv_rope_write's fold_norm coefficients with AVX-512.
+// REQUIRES: avx512_rope_kernels is set, nf % 16 == 0.
+void fold_norm_avx512(const float* g, const float* c, const float* s, int64_t nf, float* out);
+#endif
 
 // The primitives for isa (portable, or avx512 when this CPU has it and its self-test passed,
 // checked once per process); nullptr otherwise. best: the fastest available.

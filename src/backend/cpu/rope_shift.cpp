@@ -9,7 +9,6 @@
 
 #include "backend/cpu/rope_kernels.h"
 #include "ops/paged_checks.h"
-#include "ops/quantize.h"
 
 namespace kvcache::cpu {
 namespace {
@@ -47,16 +46,6 @@ KAddress k_address(const RopeShiftDesc& d, const RopeShiftArgs& a, int64_t b, in
           page * ss.page + slot * ss.slot + h * ss.head};
 }
 
-void dequantize_row(DType dtype, const void* src, float scale, float* dst, int64_t n) {
-  if (dtype == DType::int8) {
-    const auto* q = static_cast<const int8_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = ops::dequantize(q[i], scale);
-  } else {
-    const auto* q = static_cast<const fp8_e4m3_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = ops::dequantize(q[i], scale);
-  }
-}
-
 void shift_items(const ShiftJob& job, int64_t begin, int64_t end) {
   const RopeShiftDesc& d = *job.desc;
   const RopeShiftArgs& a = *job.args;
@@ -89,13 +78,12 @@ void shift_items(const ShiftJob& job, int64_t begin, int64_t end) {
       const KAddress addr = k_address(d, a, b, h, p);
       void* k = k_base + static_cast<size_t>(addr.data) * esize;
       if (quantized) {
-        dequantize_row(dtype, k, s_base[addr.scale], x, dim);
-        job.k->rotate(x, cs, sn, nf, d.rope.style);
-        s_base[addr.scale] = job.k->quantize(x, dtype, k, dim, false);
+        s_base[addr.scale] =
+            job.k->rotate_quantized(dtype, k, s_base[addr.scale], cs, sn, nf, d.rope.style, dim, x);
       } else {
-        job.k->load(dtype, k, x, dim);
-        job.k->rotate(x, cs, sn, nf, d.rope.style);
-        job.k->store(x, dtype, k, dim, false);
+        // load, rotate, store in place: the row is read whole before any of it is written.
+        job.k->rope_head_out(k, dtype, nullptr, 0.0f, 0.0f, cs, sn, nullptr, nf, d.rope.style, dim,
+                             x, dtype, k, false);
       }
     }
   }
