@@ -246,7 +246,9 @@ TEST(TinyModel, CorruptedCacheIsDetected) {
       corrupt(state[0], pinned_token, 2.0f);
       corrupt(state[1], pinned_token, 2.0f);
     }
-    if (layer == kRecurrentLayer) corrupt(state[1], delta_head, 1.0f);
+    // The delta state decays: a change of 1 can move the logits by less than bf16's tolerance
+    // (3.5e-3 at one seed in 300); 4 stays above twice the tolerance at every seed tried.
+    if (layer == kRecurrentLayer) corrupt(state[1], delta_head, 4.0f);
 
     std::vector<int32_t> all = tokens;
     all.push_back(next);
@@ -254,7 +256,7 @@ TEST(TinyModel, CorruptedCacheIsDetected) {
     auto full = model->forward_full(all);
     ASSERT_OK(logits);
     ASSERT_OK(full);
-    EXPECT_GT(max_abs_diff(*logits, row_of(*full, 11, vocab)), 10 * logit_tolerance(DType::bf16));
+    EXPECT_GT(max_abs_diff(*logits, row_of(*full, 11, vocab)), 2 * logit_tolerance(DType::bf16));
   }
 }
 
