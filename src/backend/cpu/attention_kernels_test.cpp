@@ -1,5 +1,6 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
-// The AVX-512 attention row loops against a float64 loop written here, for every storage dtype,
+// The fast attention row loops (AVX2 and AVX-512, one parametrized suite) against a float64 loop
+// written here, for every storage dtype,
 // odd and real head dims, GQA groups 1..8, strided rows and run lengths 1..70. Padding between
 // rows is poisoned (NaN, or the largest value), so reading it shows; outputs are poisoned before
 // the call and the floats after them must stay untouched.
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ostream>
 #include <random>
 #include <vector>
 
@@ -19,6 +21,7 @@
 #include "kvcache/dtype.h"
 #include "kvcache/op_plan.h"
 
+#include "backend/cpu/attention_avx2.h"
 #include "testing/test_util.h"
 
 namespace kvcache::cpu {
@@ -147,9 +150,25 @@ void for_each_case(std::mt19937& rng, F&& f) {
   }
 }
 
-TEST(AttentionRowsAvx512, ScoreMatchesFloat64Loop) {
-  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512";
-  const AttentionRowKernels kernels = avx512_attention_rows();
+// One set of fast loops: how to ask whether the CPU has it, the loops, and their self-test.
+struct FastLoops {
+  const char* name;
+  CpuIsa isa;
+  AttentionRowKernels (*kernels)();
+  bool (*self_test)();
+};
+
+void PrintTo(const FastLoops& f, std::ostream* os) { *os << f.name; }
+
+class AttentionRows : public ::testing::TestWithParam<FastLoops> {
+ protected:
+  void SetUp() override {
+    if (!cpu_supports(GetParam().isa)) GTEST_SKIP() << "no " << GetParam().name;
+  }
+  [[nodiscard]] AttentionRowKernels kernels() const { return GetParam().kernels(); }
+};
+
+TEST_P(AttentionRows, ScoreMatchesFloat64Loop) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
   std::mt19937 rng(seed);
@@ -174,16 +193,14 @@ TEST(AttentionRowsAvx512, ScoreMatchesFloat64Loop) {
     std::vector<float> s(n_out + kGuard, std::nanf(""));
     uint32_t poison = 0;
     std::memcpy(&poison, &s[0], 4);
-    kernels.score(q.data(), c.group, k.view, s.data());
+    kernels().score(q.data(), c.group, k.view, s.data());
     const int64_t bad = first_mismatch(s, want, mag, c.dim, poison);
     EXPECT_EQ(bad, -1) << "s[" << bad
                        << "] = " << s[static_cast<size_t>(std::max<int64_t>(bad, 0))];
   });
 }
 
-TEST(AttentionRowsAvx512, AccumulateMatchesFloat64Loop) {
-  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512";
-  const AttentionRowKernels kernels = avx512_attention_rows();
+TEST_P(AttentionRows, AccumulateMatchesFloat64Loop) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
   std::mt19937 rng(seed);
@@ -211,36 +228,49 @@ TEST(AttentionRowsAvx512, AccumulateMatchesFloat64Loop) {
     acc.resize(n_acc + kGuard, poison);
     uint32_t poison_bits = 0;
     std::memcpy(&poison_bits, &poison, 4);
-    kernels.accumulate(p.data(), c.group, v.view, acc.data());
+    kernels().accumulate(p.data(), c.group, v.view, acc.data());
     const int64_t bad = first_mismatch(acc, want, mag, c.count, poison_bits);
     EXPECT_EQ(bad, -1) << "acc[" << bad
                        << "] = " << acc[static_cast<size_t>(std::max<int64_t>(bad, 0))];
   });
 }
 
-// Every non-NaN e4m3 pattern through accumulate with p = 1 and no scale: the products are exact,
-// so acc must equal fp8_e4m3_to_float bit for bit (up to the sign of zero).
-TEST(AttentionRowsAvx512, Fp8WidensEveryPatternExactly) {
-  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512";
+// Every non-NaN e4m3 pattern through accumulate (p = 1, no scale) and score (q = 1, one row per
+// call): the products are exact, so both must equal fp8_e4m3_to_float (up to the sign of zero).
+TEST_P(AttentionRows, Fp8WidensEveryPatternExactly) {
   std::vector<uint8_t> row;
   for (int b = 0; b < 256; ++b) {
     if ((b & 0x7f) != 0x7f) row.push_back(static_cast<uint8_t>(b));
   }
+  ASSERT_EQ(row.size(), 254u);
   const auto dim = static_cast<int64_t>(row.size());
   const KVRows v{row.data(), DType::fp8_e4m3, dim, nullptr, 0, 1, dim};
-  const float p = 1.0f;
+  const float one = 1.0f;
   std::vector<float> acc(row.size(), 0.0f);
-  avx512_attention_rows().accumulate(&p, 1, v, acc.data());
+  kernels().accumulate(&one, 1, v, acc.data());
+  // score: every pattern as its own 1-element row (stride 1), so each dot product is one term.
+  const KVRows k{row.data(), DType::fp8_e4m3, 1, nullptr, 0, dim, 1};
+  std::vector<float> s(row.size(), std::nanf(""));
+  kernels().score(&one, 1, k, s.data());
   for (size_t i = 0; i < row.size(); ++i) {
     EXPECT_EQ(acc[i], fp8_e4m3_to_float(row[i])) << "pattern 0x" << std::hex << int{row[i]};
+    EXPECT_EQ(s[i], fp8_e4m3_to_float(row[i])) << "pattern 0x" << std::hex << int{row[i]};
   }
 }
 
-TEST(AttentionRowsAvx512, SelfTestAgreesWithPortableLoops) {
-  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512";
-  EXPECT_TRUE(avx512_attention_rows_self_test());
-  EXPECT_STREQ(avx512_attention_rows().isa, "avx512");
+TEST_P(AttentionRows, SelfTestAgreesWithPortableLoops) {
+  EXPECT_TRUE(GetParam().self_test());
+  EXPECT_TRUE(GetParam().self_test());  // the cached answer
+  EXPECT_STREQ(kernels().isa, GetParam().name);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    FastLoops, AttentionRows,
+    ::testing::Values(FastLoops{"avx2", CpuIsa::avx2, avx2_attention_rows,
+                                avx2_attention_rows_self_test},
+                      FastLoops{"avx512", CpuIsa::avx512, avx512_attention_rows,
+                                avx512_attention_rows_self_test}),
+    [](const ::testing::TestParamInfo<FastLoops>& param) { return param.param.name; });
 
 }  // namespace
 }  // namespace kvcache::cpu
