@@ -29,9 +29,10 @@
 namespace kvcache::cpu {
 namespace {
 
-constexpr int64_t kMaxRows = 32;  // query rows per tile
-constexpr int64_t kMaxDim = 512;  // head_dim and head_dim_v (the op refuses more)
-constexpr int64_t kRunRows = 64;  // keys per run
+constexpr int64_t kMaxRows = 32;    // query rows per tile
+constexpr int64_t kMaxDim = 512;    // head_dim and head_dim_v (the op refuses more)
+constexpr int64_t kRunRows = 64;    // keys per run
+constexpr int64_t kTouchKeys = 32;  // how far ahead touch() starts the hardware prefetcher
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -174,7 +175,8 @@ struct Ctx {
   int64_t k_seq = 0, k_row = 0, k_head = 0, v_seq = 0, v_row = 0, v_head = 0;
   int64_t ks_seq = 0, ks_row = 0, ks_head = 0, vs_seq = 0, vs_row = 0, vs_head = 0;
   size_t k_elem = 0, v_elem = 0;
-  int64_t page_size = 0;  // 0: contiguous
+  int64_t page_size = 0;   // 0: contiguous
+  bool same_rows = false;  // K and V rows share dtype and strides
 };
 
 SeqInfo seq_info(const Ctx& c, int64_t b) {
@@ -311,17 +313,25 @@ void run_item(const Ctx& c, int64_t item) {
     // The row loops go page by page and, within a page, kv head by kv head (in memory order),
     // through `seg` ([rows_h, page] logits or weights) unless one call covers the run; the
     // softmax update runs once per run for all rows.
-    // K or V rows of (kv head h_lo + k, keys [t, t + count)) and, over pages, the rows walked
-    // after them (the same keys of the next kv head, else the next page's first head): the loops
-    // prefetch into those as these end, so the loads of a page that lies anywhere in the pool
-    // start while the previous one computes. Contiguous caches leave it to the hardware
-    // prefetcher (going past the run measured 7% slower there).
+    // K or V rows of (kv head h_lo + k, keys [t, t + count)) and the rows walked after them: the
+    // same keys of the next kv head, else the next page of the run; after the run's last K rows,
+    // its first V rows, and after its last V rows, the next run's K rows (when K and V rows have
+    // one layout: the loops prefetch `next` with the current rows' stride and dtype). The loops
+    // prefetch into those as these end, so the switch between K and V and between pages does not
+    // wait on memory.
     const auto walk_rows = [&](bool is_k, int64_t k, int64_t t, int64_t count) {
       KVRows r = rows_at(c, is_k, b, h_lo + k, t, count);
       KVRows next;
-      if (c.page_size > 0 && k + 1 < nh) {
+      if (k + 1 < nh) {
         next = rows_at(c, is_k, b, h_lo + k + 1, t, count);
-      } else if (c.page_size > 0 && t + count < end) {
+      } else if (t + count < t0 + n) {
+        next = rows_at(c, is_k, b, h_lo, t + count, segment_length(c, t + count, t0 + n));
+      } else if (c.same_rows && is_k) {
+        next = rows_at(c, false, b, h_lo, t0, segment_length(c, t0, t0 + n));
+      } else if (c.same_rows && t0 + n < end) {
+        next =
+            rows_at(c, true, b, h_lo, t0 + n, std::min(kRunRows, segment_length(c, t0 + n, end)));
+      } else if (!c.same_rows && c.page_size > 0 && t + count < end) {
         next = rows_at(c, is_k, b, h_lo, t + count,
                        std::min(kRunRows, segment_length(c, t + count, end)));
       }
@@ -330,12 +340,29 @@ void run_item(const Ctx& c, int64_t item) {
       r.next_count = next.count;
       return r;
     };
+    // Touches one line per 4 KB of the rows kTouchKeys ahead (kv heads [h_lo, h_lo + nh), into
+    // L2): each touch starts the hardware prefetcher on that 4 KB page long before the loops
+    // reach it. NHD pages got this from the loops' own prefetch (a page's head spans all of its
+    // 4 KB pages); HND pages and contiguous caches read one sequential stream and did not. The
+    // range stays small: paged items' heads share one page, contiguous items have one head.
+    const auto touch = [&](bool is_k, int64_t t) {
+      const int64_t ta = t + kTouchKeys;
+      if (ta >= end) return;
+      const int64_t cnt = std::min(kRunRows, segment_length(c, ta, end));
+      const auto* first = static_cast<const char*>(rows_at(c, is_k, b, h_lo, ta, 1).data);
+      const auto* last =
+          static_cast<const char*>(rows_at(c, is_k, b, h_lo + nh - 1, ta + cnt - 1, 1).data);
+      for (const char* p = first; p < last; p += 4096) __builtin_prefetch(p, 0, 2);
+      __builtin_prefetch(last, 0, 2);
+    };
     const bool direct = nh == 1 && segment_length(c, t0, t0 + n) == n;
     if (direct) {
+      touch(true, t0);
       c.kernels.score(qf, nrows, walk_rows(true, 0, t0, n), sc);
     } else {
       for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
         m2 = segment_length(c, t, t0 + n);
+        touch(true, t);
         for (int64_t k = 0; k < nh; ++k) {
           c.kernels.score(qf + k * rows_h * c.dim, rows_h, walk_rows(true, k, t, m2), seg);
           for (int64_t j = 0; j < rows_h; ++j) {
@@ -350,10 +377,12 @@ void run_item(const Ctx& c, int64_t item) {
         t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
     c.update(u);
     if (direct) {
+      touch(false, t0);
       c.kernels.accumulate(sc, nrows, walk_rows(false, 0, t0, n), acc);
     } else {
       for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
         m2 = segment_length(c, t, t0 + n);
+        touch(false, t);
         for (int64_t k = 0; k < nh; ++k) {
           for (int64_t j = 0; j < rows_h; ++j) {
             const float* p = sc + (k * rows_h + j) * n + (t - t0);
@@ -494,6 +523,8 @@ void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& 
     c.vs_row = kv.v_scales.strides[2];
   }
 
+  c.same_rows = c.k_elem == c.v_elem && c.dim == c.dim_v && c.k_row == c.v_row &&
+                c.ks_row == c.vs_row && d.kv.k_dtype == d.kv.v_dtype;
   const int threads = pool != nullptr ? pool->num_threads() : 1;
   // Decode over pages: one item takes several kv heads, so a page (all heads of its slots, in
   // either layout) is read as one block by one thread, not in per-head slices by several threads
