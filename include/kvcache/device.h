@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kvcache/export.h"
+#include "kvcache/status.h"
 
 namespace kvcache {
 
@@ -39,5 +40,13 @@ struct Stream {
   ThreadPool* pool = nullptr;
   void* cuda_stream = nullptr;
 };
+
+// CUDA kernels cannot return a Status: an index they must not follow (a slot, page, offset or
+// position out of range) is skipped, counted, and the first one kept in a per-GPU error record.
+// This synchronizes `stream`, then returns out_of_range naming the first bad entry and the count
+// since the last check (and clears the record), or OK. Call it where the caller syncs anyway (end
+// of a step): run() itself never syncs. Always OK for a CPU stream (CPU ops refuse bad input in
+// run()). unavailable for a GPU that does not exist; internal for a CUDA runtime error.
+[[nodiscard]] KVCACHE_API Status check_device_errors(const Stream& stream);
 
 }  // namespace kvcache

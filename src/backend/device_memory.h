@@ -20,4 +20,7 @@ void cuda_free(int index, void* ptr);
 Status cuda_copy(void* dst, Device dst_device, const void* src, Device src_device,
                  size_t num_bytes);
 
+// kvcache::check_device_errors: syncs the stream, reads and clears its GPU's error record.
+Status take_device_errors(const Stream& stream);
+
 }  // namespace kvcache::backend

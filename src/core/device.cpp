@@ -12,4 +12,6 @@ std::string to_string(Device device) {
 
 int cuda_device_count() { return backend::cuda_device_count(); }
 
+Status check_device_errors(const Stream& stream) { return backend::take_device_errors(stream); }
+
 }  // namespace kvcache

@@ -43,6 +43,14 @@ struct PoolStrides {
 [[nodiscard]] Status check_token_slots(const PageFormat& pages, const TokenSlots& slots,
                                        int64_t num_tokens, std::string_view op);
 
+// What check_page_table and check_token_slots check without reading an entry, for arrays that
+// live on a GPU: sizes, and which form of TokenSlots is given. The CUDA kernels check the entries
+// themselves, skip what they must not follow and count it in the device error record.
+[[nodiscard]] Status check_page_table_sizes(const PageTable& table, int64_t batch,
+                                            std::string_view op);
+[[nodiscard]] Status check_token_slot_sizes(const TokenSlots& slots, int64_t num_tokens,
+                                            std::string_view op);
+
 // The slot of token i. REQUIRES check_token_slots passed.
 [[nodiscard]] inline int64_t token_slot(const PageFormat& pages, const TokenSlots& slots,
                                         int64_t i) {

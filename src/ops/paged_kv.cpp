@@ -124,12 +124,17 @@ Status check_paged_kv(const PagedKVDesc& desc, const PagedKV& kv, Device device,
   return Status();
 }
 
-Status check_page_table(const PageFormat& pages, const PageTable& table, int64_t batch,
-                        std::string_view op) {
+Status check_page_table_sizes(const PageTable& table, int64_t batch, std::string_view op) {
   if (static_cast<int64_t>(table.indptr.size()) != batch + 1) {
     return bad(op, "page_indptr has " + str(static_cast<int64_t>(table.indptr.size())) +
                        " entries, expected batch + 1 = " + str(batch + 1));
   }
+  return Status();
+}
+
+Status check_page_table(const PageFormat& pages, const PageTable& table, int64_t batch,
+                        std::string_view op) {
+  if (Status s = check_page_table_sizes(table, batch, op); !s.ok()) return s;
   if (table.indptr[0] != 0) {
     return bad(op, "page_indptr[0] is " + str(table.indptr[0]) + ", expected 0");
   }
@@ -177,8 +182,7 @@ Status check_seq_lens_fit(const PageFormat& pages, const PageTable& table,
   return Status();
 }
 
-Status check_token_slots(const PageFormat& pages, const TokenSlots& slots, int64_t num_tokens,
-                         std::string_view op) {
+Status check_token_slot_sizes(const TokenSlots& slots, int64_t num_tokens, std::string_view op) {
   const bool mapped = !slots.slot_mapping.empty();
   const bool tabled = !slots.batch_indices.empty() || !slots.positions.empty();
   if (num_tokens == 0) return Status();
@@ -186,19 +190,10 @@ Status check_token_slots(const PageFormat& pages, const TokenSlots& slots, int64
     return bad(op, std::string("token slots give ") + (mapped ? "both" : "neither") +
                        " a slot_mapping and batch_indices/positions, expected exactly one");
   }
-  const int64_t num_slots = pages.num_pages * pages.page_size;
   if (mapped) {
     if (static_cast<int64_t>(slots.slot_mapping.size()) != num_tokens) {
       return bad(op, "slot_mapping has " + str(static_cast<int64_t>(slots.slot_mapping.size())) +
                          " entries, expected num_tokens = " + str(num_tokens));
-    }
-    for (int64_t i = 0; i < num_tokens; ++i) {
-      const int64_t slot = slots.slot_mapping[static_cast<size_t>(i)];
-      if (slot < 0 || slot >= num_slots) {
-        return Status::out_of_range(
-            std::string(op) + ": slot_mapping[" + str(i) + "] is " + str(slot) +
-            ", expected in [0, num_pages * page_size = " + str(num_slots) + ")");
-      }
     }
     return Status();
   }
@@ -211,6 +206,26 @@ Status check_token_slots(const PageFormat& pages, const TokenSlots& slots, int64
   }
   if (slots.table.indptr.empty()) {
     return bad(op, "batch_indices/positions are given without a page table, expected one");
+  }
+  return Status();
+}
+
+Status check_token_slots(const PageFormat& pages, const TokenSlots& slots, int64_t num_tokens,
+                         std::string_view op) {
+  if (Status s = check_token_slot_sizes(slots, num_tokens, op); !s.ok() || num_tokens == 0) {
+    return s;
+  }
+  const int64_t num_slots = pages.num_pages * pages.page_size;
+  if (!slots.slot_mapping.empty()) {
+    for (int64_t i = 0; i < num_tokens; ++i) {
+      const int64_t slot = slots.slot_mapping[static_cast<size_t>(i)];
+      if (slot < 0 || slot >= num_slots) {
+        return Status::out_of_range(
+            std::string(op) + ": slot_mapping[" + str(i) + "] is " + str(slot) +
+            ", expected in [0, num_pages * page_size = " + str(num_slots) + ")");
+      }
+    }
+    return Status();
   }
   const int64_t batch = static_cast<int64_t>(slots.table.indptr.size()) - 1;
   if (Status s = check_page_table(pages, slots.table, batch, op); !s.ok()) return s;

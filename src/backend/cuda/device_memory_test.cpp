@@ -43,5 +43,15 @@ TEST_F(CudaBuffer, OutOfMemoryIsResourceExhausted) {
   EXPECT_TRUE(testing::has_error(b, Code::resource_exhausted, "cudaMalloc"));
 }
 
+// The kernels' bad-index reports start empty and a CPU stream has none (the ops' CUDA tests
+// trip the record and read it back).
+TEST_F(CudaBuffer, DeviceErrorRecordStartsClear) {
+  EXPECT_OK(check_device_errors(Stream{Device::cuda(0), nullptr, nullptr}));
+  EXPECT_OK(check_device_errors(Stream{}));
+  EXPECT_TRUE(testing::has_error(
+      check_device_errors(Stream{Device::cuda(cuda_device_count()), nullptr, nullptr}),
+      Code::unavailable, "not a usable GPU"));
+}
+
 }  // namespace
 }  // namespace kvcache

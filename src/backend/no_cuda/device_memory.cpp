@@ -15,5 +15,8 @@ int cuda_device_count() { return 0; }
 Result<void*> cuda_malloc(int, size_t) { return not_built("Buffer.allocate"); }
 void cuda_free(int, void*) {}
 Status cuda_copy(void*, Device, const void*, Device, size_t) { return not_built("copy_bytes"); }
+Status take_device_errors(const Stream& stream) {
+  return stream.device.is_cpu() ? Status() : not_built("check_device_errors");
+}
 
 }  // namespace kvcache::backend
