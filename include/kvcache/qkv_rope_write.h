@@ -8,6 +8,14 @@
 // quantized; no norm, no rope) into the page pools at the token's slot.
 //   RMS-norm: y = x / sqrt(mean(x^2) + norm_eps) * (norm_weight_offset + w), computed in float.
 // The plan holds its RoPE table (see rope.h), fetched in select(); run() allocates nothing.
+// On CUDA (a plan selected for Device::cuda(i): every view and span on that GPU) select() also
+// uploads the table to the GPU (once per configuration and GPU, shared by the plans holding it),
+// and the kernel computes with the CPU's portable float operations in their order (RMS-norm's
+// sum of squares included), so its outputs are the bits of the cpu.portable plan for finite
+// inputs. positions and the slot arrays live in device memory and are checked by the kernel: a
+// bad RoPE position skips the token's q and k writes, a bad slot (or batch index, position,
+// page_indptr, page index) its k and v writes; each is counted in the GPU's error record, which
+// check_device_errors() (device.h) turns into out_of_range naming the entry.
 // Plans are values: intentionally copyable; const methods are thread-safe; run() on one stream at a
 // time (the pool is the stream's).
 
@@ -30,6 +38,9 @@ namespace kvcache {
 namespace ops {
 struct RopeTable;
 }  // namespace ops
+namespace backend {
+struct CudaRopeTable;
+}  // namespace backend
 
 // The dtypes of the packed input and of q_out (the support table can_implement and the tests read).
 inline constexpr DType kQkvRopeWriteIoTypes[] = {DType::f32, DType::f16, DType::bf16};
@@ -64,31 +75,45 @@ class KVCACHE_API QkvRopeWritePlan {
   // Intentionally copyable.
   // invalid_argument: desc malformed (check_paged_kv_desc, check_rope_config, num_q_heads > 0,
   // head_dim and head_dim_v <= 1024, norm_eps >= 0) or dtypes outside the supported set;
-  // unavailable: Device::cuda, or a forced isa this CPU lacks or whose self-test failed;
-  // resource_exhausted: the RoPE table cannot be allocated.
+  // unavailable: a forced isa this CPU lacks or whose self-test failed, or Device::cuda(i) in a
+  // build without CUDA or for a GPU that does not exist (isa is ignored on CUDA);
+  // resource_exhausted: the RoPE table cannot be allocated (on the host, or on the GPU).
   static Result<QkvRopeWritePlan> select(const QkvRopeWriteDesc& desc,
                                          Device device = Device::cpu(), CpuIsa isa = CpuIsa::best);
-  // Every check of run() (shapes, dtypes, strides, positions, slots, pools); writes nothing.
-  // invalid_argument for shapes / dtypes / layouts, out_of_range for positions and slots.
+  // Every check of run() that reads no device memory; writes nothing. invalid_argument for
+  // shapes / dtypes / layouts / devices (the plan's) / span sizes, on CUDA also more than 2^31 - 1
+  // rows (num_tokens * (num_q_heads + 2 num_kv_heads)); on the CPU out_of_range for positions and
+  // slots (on CUDA the kernel checks those values, see the header).
   [[nodiscard]] Status can_implement(const QkvRopeWriteArgs& args) const;
   [[nodiscard]] size_t workspace_size() const { return 0; }
-  // can_implement, then the work, spread over stream.pool over tokens when set. A refused call
-  // writes nothing. Allocates nothing.
+  // can_implement and stream.device (the plan's device, else invalid_argument), then the work: on
+  // the CPU spread over stream.pool over tokens when set; on CUDA one kernel on
+  // stream.cuda_stream, no synchronization, graph-capturable (internal when the launch fails). A
+  // refused call writes nothing. Allocates nothing.
   Status run(const Stream& stream, std::span<std::byte> workspace,
              const QkvRopeWriteArgs& args) const;
+  // "cpu.avx512", "cpu.portable" or "cuda.sm90".
   [[nodiscard]] const char* sku() const;
   // Per output element against reference::qkv_rope_write: q_out and unquantized K/V within
   // abs_tol + rel_tol * |ref| (rel_tol: half an ulp of the output dtype plus float math); int8 /
-  // fp8 K/V within one quantization step (see note).
+  // fp8 K/V within one quantization step (see note). The same bound on CUDA, whose outputs are
+  // those of the cpu.portable plan.
   [[nodiscard]] Precision precision() const;
   [[nodiscard]] const QkvRopeWriteDesc& desc() const { return desc_; }
 
  private:
   QkvRopeWritePlan() = default;
+  static Result<QkvRopeWritePlan> select_cuda(const QkvRopeWriteDesc& desc, Device device,
+                                              int64_t rotary_dim);
+  [[nodiscard]] bool on_gpu() const { return !device_.is_cpu(); }
+  Status run_cuda(const Stream& stream, const QkvRopeWriteArgs& args) const;
 
   QkvRopeWriteDesc desc_;
   CpuIsa isa_ = CpuIsa::portable;
   std::shared_ptr<const ops::RopeTable> table_;
+  Device device_ = Device::cpu();
+  void* errors_ = nullptr;                                    // the GPU's error record (CUDA)
+  std::shared_ptr<const backend::CudaRopeTable> cuda_table_;  // the table on that GPU (CUDA)
 };
 
 }  // namespace kvcache

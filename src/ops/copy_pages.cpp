@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <bitset>
+#include <iterator>
 #include <string>
 
 #include "backend/cpu/append_kernels.h"
+#include "backend/cuda_write_ops.h"
 #include "ops/paged_checks.h"
 
 namespace kvcache {
@@ -63,14 +65,27 @@ int64_t page_bytes(const TensorView& t) {
 
 Result<CopyPagesPlan> CopyPagesPlan::select(const CopyPagesDesc& desc, Device device, CpuIsa isa) {
   if (Status s = check_paged_kv_desc(desc.cache, kOp); !s.ok()) return s;
+  if (!device.is_cpu()) {
+    for (auto [d, what] : {std::pair{desc.cache.kv.k_dtype, "k_dtype"},
+                           std::pair{desc.cache.kv.v_dtype, "v_dtype"}}) {
+      if (std::find(std::begin(backend::kCudaStorageTypes), std::end(backend::kCudaStorageTypes),
+                    d) == std::end(backend::kCudaStorageTypes)) {
+        return bad(std::string(what) + " " + name(d) + " has no CUDA kernel");
+      }
+    }
+    Result<void*> errors = backend::cuda_write_error_record(device, kOp);
+    if (!errors.ok()) return errors.status();
+    CopyPagesPlan plan(desc);
+    plan.device_ = device;
+    plan.errors_ = *errors;
+    return plan;
+  }
   if (Status s = cpu::check_select_target(kOp, device, isa); !s.ok()) return s;
   return CopyPagesPlan(desc);
 }
 
 Status CopyPagesPlan::can_implement(const CopyPagesArgs& args) const {
-  if (Status s = ops::check_paged_kv(desc_.cache, args.cache, Device::cpu(), kOp); !s.ok()) {
-    return s;
-  }
+  if (Status s = ops::check_paged_kv(desc_.cache, args.cache, device_, kOp); !s.ok()) return s;
   const std::pair<const TensorView*, const char*> arrays[] = {{&args.cache.k_pages, "k_pages"},
                                                               {&args.cache.v_pages, "v_pages"},
                                                               {&args.cache.k_scales, "k_scales"},
@@ -88,6 +103,15 @@ Status CopyPagesPlan::can_implement(const CopyPagesArgs& args) const {
     return bad("src has " + str(static_cast<int64_t>(args.src.size())) + " entries and dst " +
                str(static_cast<int64_t>(args.dst.size())) + ", expected as many");
   }
+  if (!device_.is_cpu()) {  // the lists live on the GPU: the kernel checks their range
+    int64_t bytes = 0;
+    for (const TensorView& t : {args.cache.k_pages, args.cache.v_pages}) bytes += page_bytes(t);
+    if (bytes > backend::kCudaMaxElements / 2) {
+      return bad("a page holds " + str(bytes) +
+                 " bytes of K and V, expected at most 2^30 - 1 on CUDA");
+    }
+    return Status();
+  }
   const int64_t num_pages = desc_.cache.pages.num_pages;
   for (auto [list, what] : {std::pair{args.src, "src"}, std::pair{args.dst, "dst"}}) {
     for (size_t i = 0; i < list.size(); ++i) {
@@ -104,10 +128,27 @@ Status CopyPagesPlan::can_implement(const CopyPagesArgs& args) const {
 Status CopyPagesPlan::run(const Stream& stream, std::span<std::byte> /*workspace*/,
                           const CopyPagesArgs& args) const {
   if (Status s = can_implement(args); !s.ok()) return s;
-  if (Status s = cpu::check_stream(kOp, stream); !s.ok()) return s;
-  cpu::CopyPagesParams p;
   const TensorView* arrays[] = {&args.cache.k_pages, &args.cache.v_pages, &args.cache.k_scales,
                                 &args.cache.v_scales};
+  if (!device_.is_cpu()) {
+    if (stream.device != device_) {
+      return bad("stream is on " + to_string(stream.device) + ", expected " + to_string(device_));
+    }
+    backend::CudaCopyPagesParams p;
+    for (int a = 0; a < 4; ++a) {
+      if (arrays[a]->data == nullptr) continue;  // scales of unquantized storage
+      p.base[a] = static_cast<std::byte*>(arrays[a]->data);
+      p.page_bytes[a] = page_bytes(*arrays[a]);
+    }
+    p.src = args.src.data();
+    p.dst = args.dst.data();
+    p.num_copies = static_cast<int64_t>(args.src.size());
+    p.num_pages = desc_.cache.pages.num_pages;
+    p.errors = errors_;
+    return backend::cuda_copy_pages(p, stream);
+  }
+  if (Status s = cpu::check_stream(kOp, stream); !s.ok()) return s;
+  cpu::CopyPagesParams p;
   for (int a = 0; a < 4; ++a) {
     if (arrays[a]->data == nullptr) continue;  // scales of unquantized storage
     p.base[a] = static_cast<std::byte*>(arrays[a]->data);
@@ -118,6 +159,8 @@ Status CopyPagesPlan::run(const Stream& stream, std::span<std::byte> /*workspace
   cpu::copy_pages(p, stream.pool);
   return Status();
 }
+
+const char* CopyPagesPlan::sku() const { return device_.is_cpu() ? "cpu.portable" : "cuda.sm90"; }
 
 Precision CopyPagesPlan::precision() const {
   return Precision{true, 0.0, 0.0, "bit-exact: pages are copied"};

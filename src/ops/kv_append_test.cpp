@@ -10,6 +10,7 @@
 
 #include "kvcache/thread_pool.h"
 
+#include "ops/write_test_problems.h"
 #include "reference/append.h"
 #include "testing/test_util.h"
 
@@ -22,88 +23,10 @@ using testing::test_seed;
 
 constexpr CpuIsa kIsas[] = {CpuIsa::portable, CpuIsa::avx2, CpuIsa::avx512, CpuIsa::best};
 
-// An owned CPU array of random, finite, non-zero values (padding included), laid out with the
-// view's axes in `order` from outermost to innermost and `pad` unused elements after each
-// innermost run. Unlike testing::RandomTensor it holds f64 too.
-struct Array {
-  std::vector<uint64_t> storage;
-  TensorView view;
-
-  Array() = default;
-  Array(DType dtype, std::vector<int64_t> shape, std::mt19937& rng, std::vector<int> order = {},
-        int64_t pad = 0) {
-    const int rank = static_cast<int>(shape.size());
-    if (order.empty()) {
-      order.resize(shape.size());
-      std::iota(order.begin(), order.end(), 0);
-    }
-    int64_t numel = 1;
-    for (int m = rank - 1; m >= 0; --m) {
-      const int axis = order[static_cast<size_t>(m)];
-      view.strides[axis] = numel;
-      numel *= shape[static_cast<size_t>(axis)] + (m == rank - 1 ? pad : 0);
-    }
-    const size_t elem = size_of(dtype);
-    storage.resize(static_cast<size_t>(numel) * elem / 8 + 1);
-    auto* bytes = reinterpret_cast<uint8_t*>(storage.data());
-    std::uniform_real_distribution<double> value(0.5, 100.0);
-    for (size_t i = 0; i < static_cast<size_t>(numel); ++i) {
-      if (dtype == DType::f64) {
-        const double v = (rng() & 1u) ? value(rng) : -value(rng);
-        std::memcpy(bytes + i * elem, &v, elem);
-      } else {
-        const uint32_t bits = testing::random_finite_bits(dtype, rng);
-        std::memcpy(bytes + i * elem, &bits, elem);
-      }
-    }
-    view.data = storage.data();
-    view.dtype = dtype;
-    view.rank = rank;
-    for (int i = 0; i < rank; ++i) view.shape[i] = shape[static_cast<size_t>(i)];
-  }
-  // A deep copy whose view points at its own storage.
-  [[nodiscard]] Array clone() const {
-    Array a;
-    a.storage = storage;
-    a.view = view;
-    a.view.data = a.storage.data();
-    return a;
-  }
-};
-
-enum class CacheLayout { head_major, token_major, padded };
-
-struct Case {
-  int64_t batch, heads, head_dim, head_dim_v, capacity, max_new;
-};
-
-struct Fixture {
-  KVAppendDesc desc;
-  Array k_cache, v_cache, k_new, v_new;
-  std::vector<int32_t> offsets, new_lens;
-
-  Fixture(const Case& c, DType dtype, CacheLayout layout, bool ragged, std::mt19937& rng) {
-    desc = {c.batch, c.heads, c.head_dim, c.head_dim_v, c.capacity, c.max_new, dtype};
-    const std::vector<int> order =
-        layout == CacheLayout::token_major ? std::vector<int>{0, 2, 1, 3} : std::vector<int>{};
-    const int64_t pad = layout == CacheLayout::padded ? 2 : 0;
-    k_cache = Array(dtype, {c.batch, c.heads, c.capacity, c.head_dim}, rng, order, pad);
-    v_cache = Array(dtype, {c.batch, c.heads, c.capacity, desc.dim_v()}, rng, order, pad);
-    k_new = Array(dtype, {c.batch, c.heads, c.max_new, c.head_dim}, rng);
-    v_new = Array(dtype, {c.batch, c.heads, c.max_new, desc.dim_v()}, rng);
-    for (int64_t b = 0; b < c.batch; ++b) {
-      // Sample 0 appends at least one token, so that every call writes something.
-      const int64_t min_len = b == 0 ? 1 : 0;
-      const auto len =
-          static_cast<int32_t>(ragged ? testing::uniform_int(rng, min_len, c.max_new) : c.max_new);
-      if (ragged) new_lens.push_back(len);
-      offsets.push_back(static_cast<int32_t>(testing::uniform_int(rng, 0, c.capacity - len)));
-    }
-  }
-  [[nodiscard]] KVAppendArgs args() const {
-    return {k_cache.view, v_cache.view, k_new.view, v_new.view, offsets, new_lens};
-  }
-};
+using testing::Array;
+using testing::CacheLayout;
+using Case = testing::KVAppendCase;
+using Fixture = testing::KVAppendFixture;
 
 // The plan on (isa, pool) against the reference, every byte of both caches (padding and cells
 // outside the written rows included).
@@ -200,8 +123,17 @@ TEST(KVAppend, SelectRefusals) {
   d.dtype = DType::int8;
   EXPECT_TRUE(has_error(KVAppendPlan::select(d), Code::invalid_argument,
                         "dtype is int8, expected one of f32, f64, f16, bf16"));
-  EXPECT_TRUE(has_error(KVAppendPlan::select(good, Device::cuda(0)), Code::unavailable,
-                        "kv_append: device cuda:0"));
+  // A GPU that is not there: unavailable in every build. cuda:0 where this machine has a GPU
+  // (the CUDA tests cover that plan), else unavailable too.
+  const int gpus = cuda_device_count();
+  EXPECT_TRUE(
+      has_error(KVAppendPlan::select(good, Device::cuda(gpus)), Code::unavailable, "kv_append: "));
+  if (gpus == 0) {
+    EXPECT_TRUE(
+        has_error(KVAppendPlan::select(good, Device::cuda(0)), Code::unavailable, "kv_append: "));
+  } else {
+    EXPECT_OK(KVAppendPlan::select(good, Device::cuda(0)));
+  }
   for (CpuIsa isa : kIsas) {
     if (!cpu_supports(isa)) {
       EXPECT_TRUE(has_error(KVAppendPlan::select(good, Device::cpu(), isa), Code::unavailable,

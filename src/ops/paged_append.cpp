@@ -1,9 +1,12 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
 #include "kvcache/paged_append.h"
 
+#include <algorithm>
+#include <span>
 #include <string>
 
 #include "backend/cpu/append_kernels.h"
+#include "backend/cuda_write_ops.h"
 #include "ops/paged_checks.h"
 
 namespace kvcache {
@@ -18,7 +21,7 @@ Status bad(const std::string& what) {
 
 // New tokens: [num_tokens, num_kv_heads, dim], contiguous, input_dtype.
 Status check_input(const PagedAppendDesc& d, const TensorView& t, int64_t num_tokens, int64_t dim,
-                   const char* what) {
+                   const char* what, Device device) {
   if (Status s = check_dtype(t, d.input_dtype, kOp, what); !s.ok()) return s;
   if (Status s = check_shape(t,
                              {{num_tokens, "num_tokens"},
@@ -29,8 +32,16 @@ Status check_input(const PagedAppendDesc& d, const TensorView& t, int64_t num_to
     return s;
   }
   if (Status s = check_contiguous(t, kOp, what); !s.ok()) return s;
-  if (Status s = check_device(t, Device::cpu(), kOp, what); !s.ok()) return s;
+  if (Status s = check_device(t, device, kOp, what); !s.ok()) return s;
+  if (!device.is_cpu() && t.numel() > backend::kCudaMaxElements) {
+    return bad(std::string(what) + " has " + std::to_string(t.numel()) +
+               " elements, expected at most 2^31 - 1 per call on CUDA (split the call)");
+  }
   return check_data(t, kOp, what);
+}
+
+bool in(std::span<const DType> table, DType d) {
+  return std::find(table.begin(), table.end(), d) != table.end();
 }
 
 cpu::PagedAppendSide side(const PagedAppendDesc& d, const TensorView& src, const TensorView& pool,
@@ -60,6 +71,23 @@ Result<PagedAppendPlan> PagedAppendPlan::select(const PagedAppendDesc& desc, Dev
     return bad(std::string("input_dtype is ") + name(desc.input_dtype) +
                ", expected one of f32, f16, bf16");
   }
+  if (!device.is_cpu()) {
+    if (!in(backend::kCudaWriteInputTypes, desc.input_dtype)) {
+      return bad(std::string("input_dtype ") + name(desc.input_dtype) + " has no CUDA kernel");
+    }
+    for (auto [d, what] : {std::pair{desc.cache.kv.k_dtype, "k_dtype"},
+                           std::pair{desc.cache.kv.v_dtype, "v_dtype"}}) {
+      if (!in(backend::kCudaStorageTypes, d)) {
+        return bad(std::string(what) + " " + name(d) + " has no CUDA kernel");
+      }
+    }
+    Result<void*> errors = backend::cuda_write_error_record(device, kOp);
+    if (!errors.ok()) return errors.status();
+    PagedAppendPlan plan(desc, CpuIsa::portable);
+    plan.device_ = device;
+    plan.errors_ = *errors;
+    return plan;
+  }
   if (Status s = cpu::check_select_target(kOp, device, isa); !s.ok()) return s;
   const bool fast = cpu::avx512_write_row_self_test();
   if (isa == CpuIsa::avx512 && !fast) {
@@ -73,10 +101,12 @@ Result<PagedAppendPlan> PagedAppendPlan::select(const PagedAppendDesc& desc, Dev
 
 Status PagedAppendPlan::can_implement(const PagedAppendArgs& args) const {
   const PagedAppendDesc& d = desc_;
-  if (Status s = ops::check_paged_kv(d.cache, args.cache, Device::cpu(), kOp); !s.ok()) return s;
-  if (Status s = check_input(d, args.k, -1, d.cache.kv.head_dim, "k"); !s.ok()) return s;
+  if (Status s = ops::check_paged_kv(d.cache, args.cache, device_, kOp); !s.ok()) return s;
+  if (Status s = check_input(d, args.k, -1, d.cache.kv.head_dim, "k", device_); !s.ok()) return s;
   const int64_t num_tokens = args.k.shape[0];
-  if (Status s = check_input(d, args.v, num_tokens, d.cache.kv.dim_v(), "v"); !s.ok()) return s;
+  if (Status s = check_input(d, args.v, num_tokens, d.cache.kv.dim_v(), "v", device_); !s.ok()) {
+    return s;
+  }
   const std::pair<const TensorView*, const char*> outputs[] = {{&args.cache.k_pages, "k_pages"},
                                                                {&args.cache.v_pages, "v_pages"},
                                                                {&args.cache.k_scales, "k_scales"},
@@ -96,12 +126,16 @@ Status PagedAppendPlan::can_implement(const PagedAppendArgs& args) const {
       }
     }
   }
+  if (!device_.is_cpu()) {  // the slot arrays live on the GPU: the kernel checks their values
+    return ops::check_token_slot_sizes(args.slots, num_tokens, kOp);
+  }
   return ops::check_token_slots(d.cache.pages, args.slots, num_tokens, kOp);
 }
 
 Status PagedAppendPlan::run(const Stream& stream, std::span<std::byte> /*workspace*/,
                             const PagedAppendArgs& args) const {
   if (Status s = can_implement(args); !s.ok()) return s;
+  if (!device_.is_cpu()) return run_cuda(stream, args);
   if (Status s = cpu::check_stream(kOp, stream); !s.ok()) return s;
   const KVFormat& kv = desc_.cache.kv;
   cpu::PagedAppendParams p;
@@ -115,7 +149,26 @@ Status PagedAppendPlan::run(const Stream& stream, std::span<std::byte> /*workspa
   return Status();
 }
 
+Status PagedAppendPlan::run_cuda(const Stream& stream, const PagedAppendArgs& args) const {
+  if (stream.device != device_) {
+    return bad("stream is on " + to_string(stream.device) + ", expected " + to_string(device_));
+  }
+  const PageLayout layout = desc_.cache.pages.layout;
+  backend::CudaPagedAppendParams p;
+  p.num_tokens = args.k.shape[0];
+  p.num_kv_heads = desc_.cache.kv.num_kv_heads;
+  p.src_dtype = desc_.input_dtype;
+  p.k_src = static_cast<const std::byte*>(args.k.data);
+  p.v_src = static_cast<const std::byte*>(args.v.data);
+  p.k = backend::cuda_pool_side(args.cache.k_pages, args.cache.k_scales, layout);
+  p.v = backend::cuda_pool_side(args.cache.v_pages, args.cache.v_scales, layout);
+  p.slots = backend::cuda_token_slots(args.slots, desc_.cache.pages);
+  p.errors = errors_;
+  return backend::cuda_paged_append(p, stream);
+}
+
 const char* PagedAppendPlan::sku() const {
+  if (!device_.is_cpu()) return "cuda.sm90";
   return isa_ == CpuIsa::avx512 ? "cpu.avx512" : "cpu.portable";
 }
 

@@ -13,6 +13,7 @@
 #include "kvcache/thread_pool.h"
 
 #include "backend/cpu/append_kernels.h"
+#include "ops/write_test_problems.h"
 #include "reference/append.h"
 #include "testing/paged_pools.h"
 #include "testing/test_util.h"
@@ -31,38 +32,7 @@ constexpr CpuIsa kIsas[] = {CpuIsa::portable, CpuIsa::avx2, CpuIsa::avx512, CpuI
 constexpr DType kInputs[] = {DType::f32, DType::f16, DType::bf16};
 constexpr DType kStorage[] = {DType::f32, DType::f16, DType::bf16, DType::int8, DType::fp8_e4m3};
 
-// num_tokens distinct slots, in both forms: batch sequences own pages_each random pages each.
-struct Slots {
-  std::vector<int64_t> mapping;
-  std::vector<int32_t> batch_indices, positions, indptr, indices;
-
-  Slots(const PageFormat& pages, int64_t batch, int64_t pages_each, int64_t num_tokens,
-        std::mt19937& rng) {
-    std::vector<int32_t> perm(static_cast<size_t>(pages.num_pages));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    indptr.push_back(0);
-    std::vector<std::pair<int32_t, int32_t>> cells;  // (sequence, position)
-    for (int32_t b = 0; b < batch; ++b) {
-      for (int64_t j = 0; j < pages_each; ++j) indices.push_back(perm[indices.size()]);
-      indptr.push_back(static_cast<int32_t>(indices.size()));
-      for (int32_t pos = 0; pos < pages_each * pages.page_size; ++pos) cells.emplace_back(b, pos);
-    }
-    std::shuffle(cells.begin(), cells.end(), rng);
-    for (int64_t i = 0; i < num_tokens; ++i) {
-      auto [b, pos] = cells[static_cast<size_t>(i)];
-      batch_indices.push_back(b);
-      positions.push_back(pos);
-      const int64_t page =
-          indices[static_cast<size_t>(indptr[static_cast<size_t>(b)] + pos / pages.page_size)];
-      mapping.push_back(page * pages.page_size + pos % pages.page_size);
-    }
-  }
-  [[nodiscard]] TokenSlots view(bool tabled) const {
-    if (!tabled) return TokenSlots{mapping, {}, {}, {}};
-    return TokenSlots{{}, batch_indices, positions, PageTable{indptr, indices}};
-  }
-};
+using Slots = testing::SlotLists;
 
 // The plan (isa, pool) against the reference on copies of `pools`: every byte of every pool.
 void expect_matches_reference(const PagedAppendDesc& desc, const PagedAppendArgs& args,
@@ -232,8 +202,17 @@ TEST(PagedAppend, SelectRefusals) {
   d = good;
   d.cache.pages.page_size = 0;
   EXPECT_TRUE(has_error(PagedAppendPlan::select(d), Code::invalid_argument, "page_size is 0"));
-  EXPECT_TRUE(has_error(PagedAppendPlan::select(good, Device::cuda(0)), Code::unavailable,
-                        "paged_append: device cuda:0"));
+  // A GPU that is not there: unavailable in every build. cuda:0 where this machine has a GPU
+  // (the CUDA tests cover that plan), else unavailable too.
+  const int gpus = cuda_device_count();
+  EXPECT_TRUE(has_error(PagedAppendPlan::select(good, Device::cuda(gpus)), Code::unavailable,
+                        "paged_append: "));
+  if (gpus == 0) {
+    EXPECT_TRUE(has_error(PagedAppendPlan::select(good, Device::cuda(0)), Code::unavailable,
+                          "paged_append: "));
+  } else {
+    EXPECT_OK(PagedAppendPlan::select(good, Device::cuda(0)));
+  }
   for (CpuIsa isa : kIsas) {
     if (!cpu_supports(isa)) {
       EXPECT_TRUE(has_error(PagedAppendPlan::select(good, Device::cpu(), isa), Code::unavailable,

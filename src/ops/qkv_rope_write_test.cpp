@@ -14,6 +14,7 @@
 
 #include "backend/cpu/rope_kernels.h"
 #include "ops/quantize.h"
+#include "ops/write_test_problems.h"
 #include "reference/element.h"
 #include "reference/rope.h"
 #include "testing/test_util.h"
@@ -26,135 +27,10 @@ using testing::has_error;
 using testing::seed_trace;
 using testing::test_seed;
 
-constexpr uint8_t kPoison = 0x7f;
-
-// Random magnitudes in [0.1, 2], random sign: never zero.
-float random_value(std::mt19937& rng) {
-  std::uniform_real_distribution<float> mag(0.1f, 2.0f);
-  return (rng() & 1u) != 0 ? mag(rng) : -mag(rng);
-}
-
-// Poisoned bytes whose data() is 64-byte aligned, as framework allocations are: the kernels'
-// non-temporal stores take aligned rows only.
-struct Bytes {
-  std::vector<uint64_t> words;
-  void* data() {
-    const auto at = reinterpret_cast<uintptr_t>(words.data());
-    return words.data() + (64 - at % 64) % 64 / 8;
-  }
-  static Bytes poisoned(size_t n) {
-    Bytes b;
-    b.words.resize((n + 7) / 8 + 8);
-    std::memset(b.words.data(), kPoison, b.words.size() * 8);
-    return b;
-  }
-};
-
-struct Case {
-  int64_t num_q_heads = 4;
-  int64_t num_kv_heads = 2;
-  int64_t head_dim = 6;
-  int64_t head_dim_v = 5;
-  int64_t num_tokens = 7;
-  int64_t page_size = 3;
-  PageLayout layout = PageLayout::nhd;
-  DType qkv = DType::f32, q = DType::f32, k = DType::f32, v = DType::f32;
-  bool qk_norm = false;
-  float offset = 0.0f;
-  bool slot_mapping = true;
-  RopeConfig rope;
-};
-
-// Everything one run reads and writes, owned.
-struct Problem {
-  QkvRopeWriteDesc desc;
-  Bytes qkv, q_out, k_pages, v_pages, k_scales, v_scales;
-  std::vector<float> q_w, k_w;
-  std::vector<int32_t> positions, batch_indices, token_pos, indptr, indices;
-  std::vector<int64_t> slot_mapping;
-  QkvRopeWriteArgs args;
-
-  explicit Problem(const Case& c, std::mt19937& rng) {
-    desc.num_q_heads = c.num_q_heads;
-    desc.cache.kv = {c.num_kv_heads, c.head_dim, c.head_dim_v, c.k, c.v};
-    desc.qkv_dtype = c.qkv;
-    desc.q_dtype = c.q;
-    desc.qk_norm = c.qk_norm;
-    desc.norm_weight_offset = c.offset;
-    desc.rope = c.rope;
-    const int64_t n = c.num_tokens;
-    const int64_t width =
-        (c.num_q_heads + c.num_kv_heads) * c.head_dim + c.num_kv_heads * c.head_dim_v;
-    const int64_t stride = width + 3;  // rows padded: the row stride exceeds the row
-    std::vector<float> values(static_cast<size_t>(n * stride));
-    for (float& x : values) x = random_value(rng);
-    qkv = Bytes::poisoned(values.size() * size_of(c.qkv));
-    from_float(values.data(), c.qkv, qkv.data(), values.size());
-    args.qkv = TensorView::contiguous(qkv.data(), c.qkv, {n, width});
-    args.qkv.strides[0] = stride;
-    const int streams = c.rope.num_position_streams();
-    for (int64_t i = 0; i < streams * n; ++i) {
-      positions.push_back(static_cast<int32_t>(rng() % static_cast<uint32_t>(c.rope.max_position)));
-    }
-    args.positions = positions;
-    if (c.qk_norm) {
-      for (int64_t i = 0; i < 2 * c.head_dim; ++i) {
-        (i < c.head_dim ? q_w : k_w).push_back(0.5f + static_cast<float>(rng() % 1000) / 1000.0f);
-      }
-      args.q_norm_weight = TensorView::contiguous(q_w.data(), DType::f32, {c.head_dim});
-      args.k_norm_weight = TensorView::contiguous(k_w.data(), DType::f32, {c.head_dim});
-    }
-    q_out = Bytes::poisoned(static_cast<size_t>(n * c.num_q_heads * c.head_dim) * size_of(c.q));
-    args.q_out = TensorView::contiguous(q_out.data(), c.q, {n, c.num_q_heads, c.head_dim});
-    // Pages: two sequences, tokens alternate between them; a spare page stays unwritten.
-    const int64_t per_seq = (n + 1) / 2;
-    const int64_t pages_per_seq = (per_seq + c.page_size - 1) / c.page_size;
-    PageFormat& pf = desc.cache.pages;
-    pf = {2 * pages_per_seq + 1, c.page_size, c.layout};
-    std::vector<int32_t> perm(static_cast<size_t>(pf.num_pages));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    indptr = {0, static_cast<int32_t>(pages_per_seq), static_cast<int32_t>(2 * pages_per_seq)};
-    indices.assign(perm.begin(), perm.begin() + 2 * pages_per_seq);
-    for (int64_t t = 0; t < n; ++t) {
-      const int32_t b = static_cast<int32_t>(t % 2);
-      const int32_t p = static_cast<int32_t>(t / 2);
-      batch_indices.push_back(b);
-      token_pos.push_back(p);
-      const int64_t page =
-          indices[static_cast<size_t>(indptr[static_cast<size_t>(b)] + p / c.page_size)];
-      slot_mapping.push_back(page * c.page_size + p % c.page_size);
-    }
-    if (c.slot_mapping) {
-      args.slots.slot_mapping = slot_mapping;
-    } else {
-      args.slots.batch_indices = batch_indices;
-      args.slots.positions = token_pos;
-      args.slots.table = {indptr, indices};
-    }
-    auto pool = [&](Bytes& b, DType d, int64_t dim) {
-      b = Bytes::poisoned(static_cast<size_t>(pf.num_pages * c.page_size * c.num_kv_heads * dim) *
-                          size_of(d));
-      return c.layout == PageLayout::nhd
-                 ? TensorView::contiguous(b.data(), d,
-                                          {pf.num_pages, c.page_size, c.num_kv_heads, dim})
-                 : TensorView::contiguous(b.data(), d,
-                                          {pf.num_pages, c.num_kv_heads, c.page_size, dim});
-    };
-    args.kv.k_pages = pool(k_pages, c.k, c.head_dim);
-    args.kv.v_pages = pool(v_pages, c.v, c.head_dim_v);
-    if (is_quantized(c.k)) args.kv.k_scales = pool(k_scales, DType::f32, 1);
-    if (is_quantized(c.v)) args.kv.v_scales = pool(v_scales, DType::f32, 1);
-    for (TensorView* s : {&args.kv.k_scales, &args.kv.v_scales}) {
-      if (s->data != nullptr) s->rank = 3;  // [pages, page_size, heads] / [pages, heads, page_size]
-    }
-  }
-
-  // Every output byte, for "unchanged on refusal".
-  std::vector<std::vector<uint64_t>> outputs() const {
-    return {q_out.words, k_pages.words, v_pages.words, k_scales.words, v_scales.words};
-  }
-};
+using Case = testing::QkvCase;
+using Problem = testing::QkvProblem;
+using testing::rope_variant;
+constexpr uint8_t kPoison = testing::kQkvPoison;
 
 // The allowed |got - ref| at the plan's precision; quantized storage within one step
 // (quantize.h), scale being the row's.
@@ -262,76 +138,16 @@ void run_case(const Case& c, uint32_t seed, bool only_best = false) {
   }
 }
 
-RopeConfig rope_variant(int i, int64_t head_dim) {
-  RopeConfig r;
-  r.max_position = 97;
-  switch (i % 6) {
-    case 0:
-      break;
-    case 1:
-      r.style = RopeStyle::gptj;
-      r.scaling = RopeScaling::linear;
-      r.factor = 2.5;
-      break;
-    case 2:
-      r.scaling = RopeScaling::llama3;
-      r.base = 500000.0;
-      r.factor = 8.0;
-      r.original_max_position = 64;
-      break;
-    case 3:
-      r.style = RopeStyle::gptj;
-      r.scaling = RopeScaling::yarn;
-      r.factor = 4.0;
-      r.original_max_position = 32;
-      break;
-    case 4:  // multi-section over the whole rotary dimension
-      r.mrope_section = {static_cast<int32_t>(head_dim / 2 - head_dim / 4),
-                         static_cast<int32_t>(head_dim / 4), 0, 0};
-      if (head_dim >= 8) {
-        r.mrope_section = {static_cast<int32_t>(head_dim / 4), static_cast<int32_t>(head_dim / 8),
-                           static_cast<int32_t>(head_dim / 2 - head_dim / 4 - head_dim / 8), 0};
-      }
-      break;
-    case 5:  // partial rotary dimension
-      r.rotary_dim = head_dim >= 4 ? (head_dim / 2) & ~int64_t{1} : 2;
-      r.style = RopeStyle::gptj;
-      break;
-  }
-  return r;
-}
-
-struct DTypes {
-  DType qkv, q, k, v;
-};
-constexpr DTypes kDTypes[] = {
-    {DType::f32, DType::f32, DType::f32, DType::f32},
-    {DType::bf16, DType::bf16, DType::bf16, DType::bf16},
-    {DType::f16, DType::f32, DType::f16, DType::bf16},
-    {DType::bf16, DType::bf16, DType::int8, DType::int8},
-    {DType::f16, DType::f16, DType::fp8_e4m3, DType::int8},
-    {DType::bf16, DType::f16, DType::int8, DType::fp8_e4m3},
-    {DType::f32, DType::bf16, DType::f32, DType::int8},
-};
+using DTypes = testing::QkvDTypes;
+using testing::kQkvDTypes;
 
 TEST(QkvRopeWrite, OddShapesMatchReference) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
   int i = 0;
-  for (const DTypes& d : kDTypes) {
+  for (const DTypes& d : kQkvDTypes) {
     for (int variant = 0; variant < 6; ++variant, ++i) {
-      Case c;
-      c.num_q_heads = 3 + i % 3;
-      c.num_kv_heads = 1 + i % 3;
-      c.head_dim = i % 2 == 0 ? 6 : 10;
-      c.head_dim_v = 5;
-      c.page_size = 1 + i % 4;
-      c.layout = i % 3 == 0 ? PageLayout::hnd : PageLayout::nhd;
-      c.qkv = d.qkv, c.q = d.q, c.k = d.k, c.v = d.v;
-      c.qk_norm = i % 3 != 2;
-      c.offset = i % 2 == 0 ? 0.0f : 1.0f;
-      c.slot_mapping = i % 2 == 0;
-      c.rope = rope_variant(variant, c.head_dim);
+      const Case c = testing::odd_qkv_case(i, d, variant);
       SCOPED_TRACE("case " + std::to_string(i) + " dtypes " + name(d.qkv) + "/" + name(d.q) + "/" +
                    name(d.k) + "/" + name(d.v) + " rope variant " + std::to_string(variant));
       run_case(c, seed + static_cast<uint32_t>(i));
@@ -344,7 +160,7 @@ TEST(QkvRopeWrite, RealHeadDimsMatchReference) {
   SCOPED_TRACE(seed_trace(seed));
   int i = 0;
   for (int64_t dim : {64, 128, 256}) {
-    for (const DTypes& d : {kDTypes[1], kDTypes[3], kDTypes[4]}) {
+    for (const DTypes& d : {kQkvDTypes[1], kQkvDTypes[3], kQkvDTypes[4]}) {
       Case c;
       c.num_q_heads = 4;
       c.num_kv_heads = 2;
@@ -407,8 +223,17 @@ TEST(QkvRopeWrite, SelectRefusals) {
       has_error(with([](auto& d) { d.norm_eps = -1.0f; }), Code::invalid_argument, "norm_eps"));
   EXPECT_TRUE(has_error(with([](auto& d) { d.rope.rotary_dim = 3; }), Code::invalid_argument,
                         "rope rotary_dim is 3"));
-  EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cuda(0)), Code::unavailable,
-                        "expected cpu"));
+  // A GPU that is not there: unavailable in every build. cuda:0 where this machine has a GPU
+  // (the CUDA tests cover that plan), else unavailable too.
+  const int gpus = cuda_device_count();
+  EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cuda(gpus)), Code::unavailable,
+                        "qkv_rope_write: "));
+  if (gpus == 0) {
+    EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cuda(0)), Code::unavailable,
+                          "qkv_rope_write: "));
+  } else {
+    EXPECT_OK(QkvRopeWritePlan::select(good, Device::cuda(0)));
+  }
   if (!cpu_supports(CpuIsa::avx512)) {
     EXPECT_TRUE(has_error(QkvRopeWritePlan::select(good, Device::cpu(), CpuIsa::avx512),
                           Code::unavailable, "isa avx512"));
@@ -478,7 +303,8 @@ TEST(QkvRopeWrite, RefusalsWriteNothing) {
           "v_pages dim 0 (num_pages) is 1, expected 5");
   Stream cuda;
   cuda.device = Device::cuda(0);
-  EXPECT_TRUE(has_error(plan->run(cuda, {}, pr.args), Code::unavailable, "expected cpu"));
+  EXPECT_TRUE(has_error(plan->run(cuda, {}, pr.args), Code::invalid_argument,
+                        "qkv_rope_write: stream is on cuda:0, expected cpu"));
   EXPECT_EQ(pr.outputs(), before);
 
   // Without qk_norm the weights must be absent.

@@ -1,0 +1,540 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// Device helpers the write kernels (kv_append, paged_append, copy_pages, qkv_rope_write) share:
+// programmatic dependent launch, division by a run-time constant, lane groups, token -> slot
+// lookup in rounds of loads with the index checks, pool addressing, rows as 8-element chunks spread
+// over a group of lanes (ChunkMap) and their conversion to and from every storage dtype, the group
+// reductions, and the float operations of ops/quantize.h with the host's NaN results (glibc's
+// fmaxf on signaling NaNs included). Include from .cu files only.
+//
+// Float arithmetic that must agree with the CPU is written with the _rn intrinsics: nvcc would
+// otherwise contract a * b + c into one fma, which the CPU's portable kernels (built without FMA
+// contraction) do not.
+
+#include <cstdint>
+
+#include "backend/cuda/device/convert.cuh"
+#include "backend/cuda/device/errors.cuh"
+
+namespace kvcache::cuda {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+// --- programmatic dependent launch (sm_90) ---
+// Every write kernel starts with wait_for_previous_grid(): nothing it reads or writes is touched
+// before the kernel ahead of it in the stream has finished and its writes are visible. It then lets
+// the next kernel launch (allow_next_grid), so that the next launch's setup overlaps this one.
+// Without the launch attribute both are no-ops.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The start of every write kernel: wait for the kernel ahead, let the next one launch.
+__device__ __forceinline__ void begin_write_kernel() {
+  wait_for_previous_grid();
+  allow_next_grid();
+}
+
+// This thread's lane, and its warp's index over a 1-D grid.
+__device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
+
+// This lane's place in its warp split into groups of `width` lanes (a power of two, a kernel
+// parameter): shifts, where a division by width would cost a dependent chain of ~40 instructions
+// ahead of a kernel's first load.
+struct LaneGroup {
+  int idx;    // the lane in its group
+  int group;  // the group in the warp
+  int shift;  // log2 width: 32 >> shift groups per warp
+};
+__device__ __forceinline__ LaneGroup lane_group(int width) {
+  const int lane = lane_id();
+  const int shift = __popc(width - 1);
+  return {lane & (width - 1), lane >> shift, shift};
+}
+__device__ __forceinline__ int64_t grid_warp() {
+  return static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+}
+
+// --- n / d for a divisor fixed at launch: one wide multiply and a shift ---
+// multiplier = ceil(2^(31 + l) / d) with l = ceil(log2 d) fits 32 bits, and the quotient is exact
+// for every n < 2^31 (the error n * e / 2^(31 + l), e < 1, stays below 1 / d).
+struct FastDiv {
+  uint32_t divisor = 1;
+  uint32_t multiplier = 0x80000000u;
+  uint32_t shift = 31;
+
+  // REQUIRES: 1 <= d <= 2^31.
+  __host__ __device__ static FastDiv make(uint32_t d) {
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    FastDiv f;
+    f.divisor = d;
+    f.multiplier = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d);
+    f.shift = 31 + l;
+    return f;
+  }
+  // REQUIRES: n < 2^31.
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(n) * multiplier) >> shift);
+  }
+};
+
+// --- element types of pools and inputs: the DTypes the ops store, with kvcache::DType's numbers
+// (write_launch.cuh's to_elem checks them) ---
+enum class Elem : uint8_t { f32 = 0, f16 = 2, bf16 = 3, e4m3 = 4, int8 = 6 };
+
+__device__ __forceinline__ bool is_quantized(Elem e) { return e == Elem::int8 || e == Elem::e4m3; }
+__device__ __forceinline__ float quantized_max(Elem e) { return e == Elem::int8 ? 127.0f : 448.0f; }
+
+template <class T>
+struct elem_of;
+template <>
+struct elem_of<float> {
+  static constexpr Elem value = Elem::f32;
+};
+template <>
+struct elem_of<F16> {
+  static constexpr Elem value = Elem::f16;
+};
+template <>
+struct elem_of<BF16> {
+  static constexpr Elem value = Elem::bf16;
+};
+
+// --- where a token's K/V go ---
+
+// TokenSlots with device pointers: slot_mapping, or batch_indices + positions through a page table.
+struct DeviceSlots {
+  const int64_t* slot_mapping = nullptr;   // [num_tokens]
+  const int32_t* batch_indices = nullptr;  // [num_tokens]
+  const int32_t* positions = nullptr;      // [num_tokens]
+  const int32_t* indptr = nullptr;         // [batch + 1]
+  const int32_t* indices = nullptr;        // [num_indices]
+  int64_t batch = 0;
+  int64_t num_indices = 0;
+  int64_t num_pages = 0;
+  int64_t page_size = 0;
+  FastDiv page_div;  // of page_size
+};
+
+// The first out-of-range index met while following an argument, as record_error takes it.
+struct BadIndex {
+  ErrorArg arg = ErrorArg::slot_mapping;
+  int64_t index = 0;
+  int64_t value = 0;
+  int64_t lo = 0;
+  int64_t hi = 0;
+};
+
+__device__ __forceinline__ void record(DeviceErrorRecord* errors, ErrorOp op, const BadIndex& b) {
+  record_error(errors, op, b.arg, b.index, b.value, b.lo, b.hi);
+}
+
+__device__ __forceinline__ void split_slot(const DeviceSlots& s, int64_t slot, int64_t* page,
+                                           int64_t* in_page) {
+  if (slot < (int64_t{1} << 31)) {
+    const int64_t q = s.page_div.div(static_cast<uint32_t>(slot));
+    *page = q;
+    *in_page = slot - q * s.page_size;
+  } else {
+    *page = slot / s.page_size;
+    *in_page = slot - *page * s.page_size;
+  }
+}
+
+// Token i's slot, looked up in rounds of loads so that a kernel can issue each round together with
+// its other loads before it waits for any: slot_mapping needs one round (slot_load), a page table
+// three (slot_load, slot_load_range, slot_finish). No load waits for a check: an index read from
+// device memory is clamped into the array it indexes, and slot_finish's checks decide whether the
+// slot is used.
+struct SlotLookup {
+  int64_t slot = 0;   // slot_mapping[i]
+  int32_t batch = 0;  // batch_indices[i]
+  int32_t pos = 0;    // positions[i]
+  int32_t begin = 0;  // indptr[batch], indptr[batch + 1] (batch clamped)
+  int32_t end = 0;
+};
+
+__device__ __forceinline__ int64_t clamp_index(int64_t v, int64_t size) {
+  return v < 0 ? 0 : (v >= size ? size - 1 : v);
+}
+
+// Round 1: the token's own entries.
+__device__ __forceinline__ void slot_load(const DeviceSlots& s, int64_t i, SlotLookup* l) {
+  if (s.slot_mapping != nullptr) {
+    l->slot = s.slot_mapping[i];
+    return;
+  }
+  l->batch = s.batch_indices[i];
+  l->pos = s.positions[i];
+}
+
+// Round 2 (page table): the sequence's page range.
+__device__ __forceinline__ void slot_load_range(const DeviceSlots& s, SlotLookup* l) {
+  if (s.slot_mapping != nullptr || s.batch <= 0) return;
+  const int64_t b = clamp_index(l->batch, s.batch);
+  l->begin = s.indptr[b];
+  l->end = s.indptr[b + 1];
+}
+
+// Round 3 (page table: the page's entry), then the checks of ops::check_token_slots in their
+// order: the page and the slot in it, or false (and *bad) at the first index out of range.
+__device__ __forceinline__ bool slot_finish(const DeviceSlots& s, int64_t i, const SlotLookup& l,
+                                            int64_t* page, int64_t* in_page, BadIndex* bad) {
+  if (s.slot_mapping != nullptr) {
+    const int64_t num_slots = s.num_pages * s.page_size;
+    if (l.slot < 0 || l.slot >= num_slots) {
+      *bad = {ErrorArg::slot_mapping, i, l.slot, 0, num_slots};
+      return false;
+    }
+    split_slot(s, l.slot, page, in_page);
+    return true;
+  }
+  const int64_t p = l.pos;
+  int64_t page_in_seq = 0;
+  split_slot(s, p < 0 ? 0 : p, &page_in_seq, in_page);  // p < 2^31: the fast division
+  const int64_t at = int64_t{l.begin} + page_in_seq;
+  const int64_t pg = s.num_indices > 0 ? s.indices[clamp_index(at, s.num_indices)] : 0;
+  const int64_t b = l.batch;
+  if (b < 0 || b >= s.batch) {
+    *bad = {ErrorArg::batch_indices, i, b, 0, s.batch};
+    return false;
+  }
+  const int64_t begin = l.begin;
+  const int64_t end = l.end;
+  if (begin < 0 || begin > s.num_indices) {
+    *bad = {ErrorArg::page_indptr, b, begin, 0, s.num_indices + 1};
+    return false;
+  }
+  if (end < begin || end > s.num_indices) {
+    *bad = {ErrorArg::page_indptr, b + 1, end, begin, s.num_indices + 1};
+    return false;
+  }
+  const int64_t room = (end - begin) * s.page_size;
+  if (p < 0 || p >= room) {
+    *bad = {ErrorArg::positions, i, p, 0, room};
+    return false;
+  }
+  if (pg < 0 || pg >= s.num_pages) {
+    *bad = {ErrorArg::page_indices, at, pg, 0, s.num_pages};
+    return false;
+  }
+  *page = pg;
+  return true;
+}
+
+// All three rounds back to back (kernels with nothing to overlap them with).
+__device__ __forceinline__ bool resolve_slot(const DeviceSlots& s, int64_t i, int64_t* page,
+                                             int64_t* in_page, BadIndex* bad) {
+  SlotLookup l;
+  slot_load(s, i, &l);
+  slot_load_range(s, &l);
+  return slot_finish(s, i, l, page, in_page, bad);
+}
+
+// One pool (K or V) and its scales. Strides in elements.
+struct DevicePool {
+  void* data = nullptr;
+  float* scales = nullptr;  // int8 / e4m3 only
+  Elem elem = Elem::bf16;
+  int32_t dim = 0;
+  int64_t page_stride = 0, slot_stride = 0, head_stride = 0;
+  int64_t scale_page_stride = 0, scale_slot_stride = 0, scale_head_stride = 0;
+
+  __device__ __forceinline__ int64_t row(int64_t page, int64_t in_page, int64_t head) const {
+    return page * page_stride + in_page * slot_stride + head * head_stride;
+  }
+  __device__ __forceinline__ int64_t scale_at(int64_t page, int64_t in_page, int64_t head) const {
+    return page * scale_page_stride + in_page * scale_slot_stride + head * scale_head_stride;
+  }
+};
+
+// --- ops/quantize.h's float operations, with the x86 NaN results ---
+
+// x * inv as the host computes it: a NaN operand comes back (with its sign, all that an int8 or
+// e4m3 result keeps of it), and an invalid product (inf * 0) is the x86 default NaN, negative. The
+// GPU's own NaN is positive, which would flip the sign an fp8 NaN keeps.
+__device__ __forceinline__ float host_mul(float x, float inv) {
+  const float y = __fmul_rn(x, inv);
+  if (y == y) return y;
+  return x != x ? x : __int_as_float(static_cast<int>(0xffc00000u));
+}
+
+// The scale factor of a row whose absolute maximum is absmax: qmax / absmax, or 0 (NaN too).
+__device__ __forceinline__ float quantize_inv(float absmax, float qmax) {
+  return absmax > 0.0f ? __fdiv_rn(qmax, absmax) : 0.0f;
+}
+
+// absmax / qmax; a NaN absmax (see host_fmax) keeps its bits, as x86 division does.
+__device__ __forceinline__ float store_scale(float absmax, float qmax) {
+  return absmax == absmax ? __fdiv_rn(absmax, qmax) : absmax;
+}
+
+// The maximum over an aligned group of `width` lanes (a power of two <= 32). Every lane of the
+// warp calls it. fmaxf ignores NaN, as std::fmax does for a quiet NaN, so any order gives the
+// CPU's value for rows without a signaling NaN.
+__device__ __forceinline__ float group_max(float v, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// --- signaling NaN: the one input on which the host's row maximum depends on the order ---
+// ops::row_absmax folds m = std::fmax(m, |x[i]|) from i = 0 up, and glibc's fmaxf returns a quiet
+// NaN (x + y) when an operand is a signaling NaN, so each signaling NaN restarts the maximum.
+// Only f32 inputs can hold one (f16 / bf16 widen to quiet NaNs, arithmetic quiets).
+
+__device__ __forceinline__ bool is_signaling_nan(float x) {
+  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
+  return a > 0x7f800000u && a < 0x7fc00000u;
+}
+
+__device__ __forceinline__ float quiet_nan(float x) {
+  return __uint_as_float(__float_as_uint(x) | 0x00400000u);
+}
+
+// |x| by its bits (a signaling NaN stays signaling).
+__device__ __forceinline__ float abs_bits(float x) {
+  return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
+}
+
+// glibc's fmaxf(x, y) on x86-64 (sysdeps/x86_64/fpu/s_fmaxf.S), every NaN case included: a quiet
+// NaN loses to a number; a signaling NaN gives x + y, the first NaN operand quieted.
+__device__ __forceinline__ float host_fmax(float x, float y) {
+  const bool x_nan = x != x;
+  const bool y_nan = y != y;
+  if (!x_nan && !y_nan) return x > y ? x : y;  // maxss: y on ties
+  if (!y_nan) return is_signaling_nan(x) ? quiet_nan(x) : y;
+  if (!x_nan) return is_signaling_nan(y) ? quiet_nan(y) : x;
+  return quiet_nan(x);
+}
+
+// --- rows held by groups of lanes, up to two 8-element chunks per lane ---
+// A row of num_chunks chunks of 8 elements is held by a group of lanes (a power of two), each lane
+// holding up to two chunks, a and b. `pairs` (H) puts the halves of a neox rotation in one lane:
+// lane i < H holds chunks i and i + H; the other chunks (from 2H up) go to lanes H, H + 1, ...:
+// lane H + j holds chunks 2H + j and 2H + j + ceil((num_chunks - 2H) / 2). With H = 0, lane i
+// holds chunks i and i + ceil(num_chunks / 2), so each of a warp's two loads is contiguous.
+struct ChunkMap {
+  int pairs = 0;
+  int num_chunks = 0;
+
+  // The lanes a row needs.
+  __host__ __device__ static int lanes(int pairs, int num_chunks) {
+    return pairs + (num_chunks - 2 * pairs + 1) / 2;
+  }
+  __device__ __forceinline__ int rest_half() const { return (num_chunks - 2 * pairs + 1) / 2; }
+  // Chunk a / b of lane i (num_chunks or more: the lane holds no such chunk).
+  __device__ __forceinline__ int chunk_a(int i) const {
+    return i < pairs ? i : (i < pairs + rest_half() ? pairs + i : num_chunks);
+  }
+  __device__ __forceinline__ int chunk_b(int i) const {
+    return i < pairs ? i + pairs : (i < pairs + rest_half() ? pairs + i + rest_half() : num_chunks);
+  }
+  // The lane holding chunk c, and whether as its chunk b.
+  __device__ __forceinline__ int owner(int c, bool* is_b) const {
+    if (c < 2 * pairs) {
+      *is_b = c >= pairs;
+      return c < pairs ? c : c - pairs;
+    }
+    const int j = c - 2 * pairs;
+    const int h = rest_half();
+    *is_b = j >= h;
+    return pairs + (j < h ? j : j - h);
+  }
+};
+
+// The row's absolute maximum in ops::row_absmax's order (host_fmax from element 0 up), for a row
+// with a signaling NaN: chunk by chunk from the lanes of the group (ChunkMap) that hold xa / xb.
+// Every lane of the warp calls it with the same map and width; every lane gets its group's value.
+__device__ __forceinline__ float ordered_absmax(const float (&xa)[8], const float (&xb)[8],
+                                                const ChunkMap& map, int width) {
+  float m = 0.0f;
+  for (int c = 0; c < map.num_chunks; ++c) {
+    bool is_b = false;
+    const int src = map.owner(c, &is_b);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      m = host_fmax(m, abs_bits(__shfl_sync(kFullMask, is_b ? xb[k] : xa[k], src, width)));
+    }
+  }
+  return m;
+}
+
+// The absolute maximum of a group's row as the host computes it. xa / xb: this lane's chunks
+// (counted when has_a / has_b). kMaySignal: the values can hold a signaling NaN (f32 inputs);
+// then a warp holding one takes the ordered fold. Every lane of the warp calls it.
+template <bool kMaySignal>
+__device__ __forceinline__ float group_absmax(const float (&xa)[8], const float (&xb)[8],
+                                              bool has_a, bool has_b, const ChunkMap& map,
+                                              int width) {
+  float m = 0.0f;
+  bool signaling = false;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (has_a) m = fmaxf(m, fabsf(xa[k]));
+    if (has_b) m = fmaxf(m, fabsf(xb[k]));
+    if constexpr (kMaySignal) {
+      signaling |= (has_a && is_signaling_nan(xa[k])) || (has_b && is_signaling_nan(xb[k]));
+    }
+  }
+  m = group_max(m, width);
+  if constexpr (kMaySignal) {
+    if (__any_sync(kFullMask, signaling)) m = ordered_absmax(xa, xb, map, width);
+  }
+  return m;
+}
+
+// --- byte copies: one unit of 16, 8, 4, 2 or 1 bytes (p aligned to it), in the low bytes ---
+
+__device__ __forceinline__ uint4 load_unit(const void* p, int unit) {
+  switch (unit) {
+    case 16:
+      return __ldg(static_cast<const uint4*>(p));
+    case 8: {
+      const uint2 v = __ldg(static_cast<const uint2*>(p));
+      return make_uint4(v.x, v.y, 0, 0);
+    }
+    case 4:
+      return make_uint4(__ldg(static_cast<const unsigned*>(p)), 0, 0, 0);
+    case 2:
+      return make_uint4(__ldg(static_cast<const unsigned short*>(p)), 0, 0, 0);
+    default:
+      return make_uint4(__ldg(static_cast<const unsigned char*>(p)), 0, 0, 0);
+  }
+}
+
+__device__ __forceinline__ void store_unit(void* p, int unit, const uint4& v) {
+  switch (unit) {
+    case 16:
+      *static_cast<uint4*>(p) = v;
+      break;
+    case 8:
+      *static_cast<uint2*>(p) = make_uint2(v.x, v.y);
+      break;
+    case 4:
+      *static_cast<unsigned*>(p) = v.x;
+      break;
+    case 2:
+      *static_cast<unsigned short*>(p) = static_cast<unsigned short>(v.x);
+      break;
+    default:
+      *static_cast<unsigned char*>(p) = static_cast<unsigned char>(v.x);
+      break;
+  }
+}
+
+// --- one element, any layout (the scalar paths) ---
+
+template <class In>
+__device__ __forceinline__ float load_elem(const In* p, int64_t i) {
+  return to_float(p[i]);
+}
+
+// Stores x converted to `e` (f32 / f16 / bf16; Saturation::none).
+__device__ __forceinline__ void store_elem(void* base, Elem e, int64_t i, float x) {
+  switch (e) {
+    case Elem::f32:
+      static_cast<float*>(base)[i] = x;
+      break;
+    case Elem::f16:
+      static_cast<uint16_t*>(base)[i] = float_to_f16_bits(x);
+      break;
+    case Elem::bf16:
+      static_cast<uint16_t*>(base)[i] = float_to_bf16_bits(x);
+      break;
+    case Elem::int8:
+      static_cast<int8_t*>(base)[i] = float_to_int8_sat(x);
+      break;
+    default:  // e4m3
+      static_cast<uint8_t*>(base)[i] = float_to_fp8_e4m3_bits(x);
+      break;
+  }
+}
+
+// --- 8 consecutive elements (the vector paths): 16-byte accesses ---
+// REQUIRES: the address of element 0 is aligned to 8 elements of its type (16 bytes at most).
+
+// The raw bits of 8 inputs of type In (16-bit: one 16-byte word; f32: two).
+template <class In>
+struct Raw8 {
+  uint4 w[sizeof(In) == 4 ? 2 : 1];
+};
+
+template <class In>
+__device__ __forceinline__ Raw8<In> load_raw8(const In* p) {
+  Raw8<In> r;
+  const auto* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < (sizeof(In) == 4 ? 2 : 1); ++k) r.w[k] = __ldg(q + k);
+  return r;
+}
+
+template <class In>
+__device__ __forceinline__ void store_raw8(In* p, const Raw8<In>& r) {
+  auto* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < (sizeof(In) == 4 ? 2 : 1); ++k) q[k] = r.w[k];
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int k) {
+  return k == 0 ? v.x : (k == 1 ? v.y : (k == 2 ? v.z : v.w));
+}
+
+template <class In>
+__device__ __forceinline__ void to_float8(const Raw8<In>& r, float (&x)[8]) {
+  if constexpr (sizeof(In) == 4) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = __uint_as_float(word(r.w[k / 4], k % 4));
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = elem_of<In>::value == Elem::bf16 ? unpack_bf16x2(word(r.w[0], k))
+                                                        : unpack_f16x2(word(r.w[0], k));
+      x[2 * k] = f.x;
+      x[2 * k + 1] = f.y;
+    }
+  }
+}
+
+// Stores 8 floats converted to e (f32 / f16 / bf16), at element `i` of base.
+__device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, const float (&x)[8]) {
+  if (e == Elem::f32) {
+    auto* q = reinterpret_cast<uint4*>(static_cast<float*>(base) + i);
+    q[0] = make_uint4(__float_as_uint(x[0]), __float_as_uint(x[1]), __float_as_uint(x[2]),
+                      __float_as_uint(x[3]));
+    q[1] = make_uint4(__float_as_uint(x[4]), __float_as_uint(x[5]), __float_as_uint(x[6]),
+                      __float_as_uint(x[7]));
+    return;
+  }
+  const bool bf16 = e == Elem::bf16;
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    w[k] = bf16 ? pack_bf16x2(x[2 * k], x[2 * k + 1]) : pack_f16x2(x[2 * k], x[2 * k + 1]);
+  }
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Stores convert(x[k] * inv) for int8 / e4m3, 8 bytes at element `i` of base.
+__device__ __forceinline__ void store_quantized8(void* base, Elem e, int64_t i, const float (&x)[8],
+                                                 float inv) {
+  uint32_t w[2] = {0, 0};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float y = host_mul(x[k], inv);
+    const uint32_t b =
+        e == Elem::int8 ? static_cast<uint8_t>(float_to_int8_sat(y)) : float_to_fp8_e4m3_bits(y);
+    w[k / 4] |= b << (8 * (k % 4));
+  }
+  *reinterpret_cast<uint2*>(static_cast<uint8_t*>(base) + i) = make_uint2(w[0], w[1]);
+}
+
+}  // namespace kvcache::cuda
