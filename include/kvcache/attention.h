@@ -19,9 +19,10 @@
 //
 // Long contexts are split into chunks of chunk_size keys; each (sequence, kv head, chunk) is one
 // work item that reads its K/V rows once for all query heads of the group, and chunks merge by the
-// log-sum-exp rule. The chunking is fixed by the plan, so results do not depend on the thread
-// count. Plans are values (intentionally copyable); const methods are thread-safe. run() serializes
-// on its stream's pool.
+// log-sum-exp rule. On the CPU the chunking is fixed by the plan, so results do not depend on the
+// thread count; on CUDA it comes from an AttentionSchedule (computed on the host from a step's
+// lengths), and the query heads of a group ride in one CTA (at most 8 per CTA). Plans are values
+// (intentionally copyable); const methods are thread-safe. run() serializes on its stream.
 
 #include <cstdint>
 #include <optional>
@@ -57,7 +58,23 @@ struct AttentionDesc {
   int64_t chunk_size = 0;  // keys per split-context chunk; 0: auto (512, a multiple of page_size)
 };
 
-// The arguments of one call; every view on the plan's device (CPU: host memory).
+// How a CUDA plan splits the keys of one call into work items: rows whose visible keys exceed
+// chunk_size are split into at most max_chunks chunks, merged by the log-sum-exp rule. Computed on
+// the host from a step's lengths (Plan::schedule) and reusable for later steps while every row's
+// visible keys stay <= chunk_size * max_chunks (a longer row is skipped and counted in the device
+// error record). Intentionally copyable.
+struct AttentionSchedule {
+  int64_t chunk_size = 0;
+  int64_t max_chunks = 0;
+  // Extend on tensor cores without a window: > 0 packs several query tokens of a sequence into one
+  // work item (their K/V read once), the grid covering this many blocks per sequence (a sequence
+  // with more queries is skipped and counted in the device error record). 0: one query row per
+  // work item.
+  int64_t max_query_blocks = 0;
+};
+
+// The arguments of one call; every view on the plan's device (CPU: host memory; CUDA: the plan's
+// GPU, the spans included: on CUDA they hold device pointers and are never read on the host).
 struct AttentionArgs {
   // Decode: [batch, num_q_heads, head_dim]; extend: [total_q, num_q_heads, head_dim] with the rows
   // of sequence b at q_indptr[b] .. q_indptr[b + 1]. q_dtype, unit stride on head_dim.
@@ -74,6 +91,9 @@ struct AttentionArgs {
   PagedKV paged;            // read, with page_table, when desc.pages is set
   PageTable page_table;     // [batch] sequences
   TensorView sinks;         // float32 [num_q_heads] when desc.has_sinks; else empty
+  // CUDA: the split of this call (nullopt: the plan's default, made for max_batch sequences of
+  // max_seq_len). The CPU plans split by desc.chunk_size and ignore it.
+  std::optional<AttentionSchedule> schedule;
 };
 
 namespace detail {
@@ -81,9 +101,17 @@ namespace detail {
 struct AttentionPlanState {
   AttentionDesc desc;
   bool extend = false;
-  CpuIsa isa = CpuIsa::portable;  // the row loops run: portable, avx2 or avx512
-  int64_t chunk = 0;              // keys per chunk (resolved)
-  int64_t max_chunks = 0;         // chunks of a max_seq_len context
+  Device device = Device::cpu();
+  CpuIsa isa = CpuIsa::portable;  // CPU: the row loops run: portable, avx2 or avx512
+  int64_t chunk = 0;              // CPU: keys per chunk (resolved)
+  int64_t max_chunks = 0;         // CPU: chunks of a max_seq_len context
+  // --- CUDA ---
+  bool mma = false;                    // the tensor-core kernel (else CUDA cores)
+  void* errors = nullptr;              // the GPU's device error record
+  int64_t num_sms = 0;                 // multiprocessors: the schedule targets a few waves of CTAs
+  int64_t ctas_per_sm = 0;             // CTAs of the chosen kernel a multiprocessor holds
+  int64_t workspace_items = 0;         // partial results the workspace holds
+  AttentionSchedule default_schedule;  // for args without one
 };
 }  // namespace detail
 
@@ -91,22 +119,36 @@ struct AttentionPlanState {
 class KVCACHE_API DecodeAttentionPlan {
  public:
   // Intentionally copyable.
-  // invalid_argument: desc malformed or unsupported (the message lists the supported set);
-  // unavailable: Device::cuda (the CUDA backend is issue 5), or a forced isa this CPU lacks /
-  // whose self-test failed. best: avx512, else avx2, else portable.
+  // invalid_argument: desc malformed or unsupported (the message lists the supported set; CUDA
+  // supports head_dim == head_dim_v in {16, 32, 64, 128, 256} and k_dtype == v_dtype);
+  // unavailable: a GPU this build or machine lacks, or a forced isa this CPU lacks / whose
+  // self-test failed. CPU best: avx512, else avx2, else portable; isa is ignored for CUDA.
   static Result<DecodeAttentionPlan> select(const AttentionDesc& desc,
                                             Device device = Device::cpu(),
                                             CpuIsa isa = CpuIsa::best);
   // Every check (shapes, dtypes, devices, overlap, bounds, page table, seq_lens); writes nothing.
   // invalid_argument, or out_of_range for a seq_len past the cache's capacity or pages and a page
-  // index past the pool.
+  // index past the pool. CUDA: the index arrays are device memory, so only their sizes are
+  // checked here; the kernel skips bad entries (their rows, or keys for a bad page index) and
+  // counts them for check_device_errors(). CUDA also needs 16-byte aligned K/V rows (8-byte for
+  // int8 / fp8).
   [[nodiscard]] Status can_implement(const AttentionArgs& args) const;
+  // CPU: per-chunk partial results; CUDA: counters + partial results of workspace_items items,
+  // device memory. Zero-initialization is not needed.
   [[nodiscard]] size_t workspace_size() const;
   // can_implement, then resource_exhausted when workspace.size() < workspace_size(), and
-  // invalid_argument for a stream on another device; then the work, over stream.pool when set.
+  // invalid_argument for a stream on another device; then the work: CPU over stream.pool when
+  // set; CUDA on stream.cuda_stream, asynchronously (no allocation, no synchronization: a
+  // memset of the merge counters and one kernel, so a step can be captured in a CUDA graph).
   // A refused call writes nothing. Allocates nothing.
   Status run(const Stream& stream, std::span<std::byte> workspace, const AttentionArgs& args) const;
-  [[nodiscard]] const char* sku() const;  // "cpu.avx512", "cpu.avx2" or "cpu.portable"
+  // The split for these lengths (host arrays: seq_lens [batch], extend also q_indptr [batch +
+  // 1]): chunks sized so that the step fills the GPU with a few waves of equal work items, ragged
+  // or not. invalid_argument for lengths the plan refuses. CPU plans return their fixed chunking.
+  [[nodiscard]] Result<AttentionSchedule> schedule(std::span<const int32_t> seq_lens,
+                                                   std::span<const int32_t> q_indptr = {}) const;
+  // "cpu.avx512", "cpu.avx2", "cpu.portable", "cuda.sm90.mma" (tensor cores) or "cuda.sm90.simt".
+  [[nodiscard]] const char* sku() const;
   // Per element of o and lse against reference::attention (module comment of the .cpp derives it).
   [[nodiscard]] Precision precision() const;
   [[nodiscard]] const AttentionDesc& desc() const { return state_.desc; }
@@ -127,6 +169,8 @@ class KVCACHE_API ExtendAttentionPlan {
   [[nodiscard]] Status can_implement(const AttentionArgs& args) const;
   [[nodiscard]] size_t workspace_size() const;
   Status run(const Stream& stream, std::span<std::byte> workspace, const AttentionArgs& args) const;
+  [[nodiscard]] Result<AttentionSchedule> schedule(std::span<const int32_t> seq_lens,
+                                                   std::span<const int32_t> q_indptr) const;
   [[nodiscard]] const char* sku() const;
   [[nodiscard]] Precision precision() const;
   [[nodiscard]] const AttentionDesc& desc() const { return state_.desc; }

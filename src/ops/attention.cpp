@@ -11,14 +11,19 @@
 //    |q|, |k|, |v| <= 1 (dequantized), head_dim <= 256 and contexts <= 32768 they stay below
 //    2e-5 absolute (measured ~1e-6 on random data), the stated abs_tol.
 //  - Output rounding: bf16 o adds 2^-8 relative (half an ulp is 2^-9), f16 2^-11, f32 nothing.
+//  - CUDA (ops/attention_cuda.cpp): the same f32 arithmetic in another order (dot products over
+//    lane groups, exp2f with relative error < 2^-22, chunks by the schedule): the same bound.
 
 #include "kvcache/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "kvcache/thread_pool.h"
 
+#include "ops/attention_cuda.h"
 #include "ops/paged_checks.h"
 
 namespace kvcache {
@@ -99,10 +104,7 @@ Result<detail::AttentionPlanState> select_state(const AttentionDesc& desc, Devic
                                                 CpuIsa isa, bool extend) {
   if (Status s = check_desc(desc, extend); !s.ok()) return s;
   const std::string op = op_name(extend);
-  if (!device.is_cpu()) {
-    return Status::unavailable(op + ": device " + to_string(device) +
-                               " has no attention backend yet, expected cpu (CUDA is issue 5)");
-  }
+  if (!device.is_cpu()) return ops::cuda_attention_state(desc, device, extend);
   detail::AttentionPlanState st;
   st.desc = desc;
   st.extend = extend;
@@ -132,7 +134,7 @@ Result<detail::AttentionPlanState> select_state(const AttentionDesc& desc, Devic
 
 // A q / o style view: dtype, [rows, heads, dim], unit stride on dim, device, data.
 Status check_rows_view(const TensorView& t, DType dtype, int64_t rows, const char* rows_name,
-                       int64_t heads, int64_t dim, const char* dim_name, bool extend,
+                       int64_t heads, int64_t dim, const char* dim_name, bool extend, Device device,
                        const char* what) {
   const std::string op = op_name(extend);
   if (Status s = check_dtype(t, dtype, op, what); !s.ok()) return s;
@@ -145,7 +147,7 @@ Status check_rows_view(const TensorView& t, DType dtype, int64_t rows, const cha
     return bad(extend, std::string(what) + " has stride " + str(t.strides[2]) +
                            " on its last axis, expected 1");
   }
-  if (Status s = check_device(t, Device::cpu(), op, what); !s.ok()) return s;
+  if (Status s = check_device(t, device, op, what); !s.ok()) return s;
   return check_data(t, op, what);
 }
 
@@ -169,21 +171,13 @@ Extent extent(const TensorView& t) {
 
 bool is_empty_view(const TensorView& t) { return t.data == nullptr && t.rank == 0; }
 
-Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a) {
+// The lengths in q_indptr and seq_lens (host arrays: CPU plans only).
+Status check_host_lengths(const detail::AttentionPlanState& plan, const AttentionArgs& a,
+                          int64_t* rows) {
   const AttentionDesc& d = plan.desc;
   const bool ext = plan.extend;
-  const std::string op = op_name(ext);
   const auto batch = static_cast<int64_t>(a.seq_lens.size());
-  if (batch > d.max_batch) {
-    return bad(ext, "batch (seq_lens entries) is " + str(batch) +
-                        ", expected <= max_batch = " + str(d.max_batch));
-  }
-  int64_t rows = batch;
   if (ext) {
-    if (static_cast<int64_t>(a.q_indptr.size()) != batch + 1) {
-      return bad(ext, "q_indptr has " + str(static_cast<int64_t>(a.q_indptr.size())) +
-                          " entries, expected batch + 1 = " + str(batch + 1));
-    }
     if (a.q_indptr[0] != 0) {
       return bad(ext, "q_indptr[0] is " + str(a.q_indptr[0]) + ", expected 0");
     }
@@ -198,14 +192,7 @@ Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a
                             " queries (the cache holds the new tokens)");
       }
     }
-    rows = a.q_indptr[static_cast<size_t>(batch)];
-    if (rows > d.max_q_tokens) {
-      return bad(ext, "total_q (q_indptr[batch]) is " + str(rows) +
-                          ", expected <= max_q_tokens = " + str(d.max_q_tokens));
-    }
-  } else if (!a.q_indptr.empty()) {
-    return bad(ext, "q_indptr has " + str(static_cast<int64_t>(a.q_indptr.size())) +
-                        " entries, expected none for decode (one query per sequence)");
+    *rows = a.q_indptr[static_cast<size_t>(batch)];
   }
   for (int64_t b = 0; b < batch; ++b) {
     const int32_t len = a.seq_lens[static_cast<size_t>(b)];
@@ -218,14 +205,50 @@ Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a
                           ", expected <= max_seq_len = " + str(d.max_seq_len));
     }
   }
+  return Status();
+}
+
+// On a CPU plan every check, index arrays included; on a CUDA plan every check that does not read
+// device memory (sizes of the index arrays; the kernel checks their entries).
+Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a) {
+  const AttentionDesc& d = plan.desc;
+  const bool ext = plan.extend;
+  const bool host = plan.device.is_cpu();
+  const Device dev = plan.device;
+  const std::string op = op_name(ext);
+  const auto batch = static_cast<int64_t>(a.seq_lens.size());
+  if (batch > d.max_batch) {
+    return bad(ext, "batch (seq_lens entries) is " + str(batch) +
+                        ", expected <= max_batch = " + str(d.max_batch));
+  }
+  int64_t rows = batch;
+  if (ext) {
+    if (static_cast<int64_t>(a.q_indptr.size()) != batch + 1) {
+      return bad(ext, "q_indptr has " + str(static_cast<int64_t>(a.q_indptr.size())) +
+                          " entries, expected batch + 1 = " + str(batch + 1));
+    }
+    // On CUDA q_indptr[batch] cannot be read here: q's rows count, and the kernel checks it.
+    rows = host ? 0 : (a.q.rank == 3 ? a.q.shape[0] : -1);
+  } else if (!a.q_indptr.empty()) {
+    return bad(ext, "q_indptr has " + str(static_cast<int64_t>(a.q_indptr.size())) +
+                        " entries, expected none for decode (one query per sequence)");
+  }
+  if (host) {
+    if (Status s = check_host_lengths(plan, a, &rows); !s.ok()) return s;
+  }
+  if (ext && rows > d.max_q_tokens) {
+    return bad(ext, "total_q (q_indptr[batch]) is " + str(rows) +
+                        ", expected <= max_q_tokens = " + str(d.max_q_tokens));
+  }
   const char* rows_name = ext ? "total_q" : "batch";
   if (Status s = check_rows_view(a.q, d.q_dtype, rows, rows_name, d.num_q_heads, d.kv.head_dim,
-                                 "head_dim", ext, "q");
+                                 "head_dim", ext, dev, "q");
       !s.ok()) {
     return s;
   }
+  rows = a.q.shape[0];
   if (Status s = check_rows_view(a.o, d.o_dtype, rows, rows_name, d.num_q_heads, d.kv.dim_v(),
-                                 "head_dim_v", ext, "o");
+                                 "head_dim_v", ext, dev, "o");
       !s.ok()) {
     return s;
   }
@@ -240,7 +263,7 @@ Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a
         !s.ok()) {
       return s;
     }
-    if (Status s = check_device(a.lse, Device::cpu(), op, "lse"); !s.ok()) return s;
+    if (Status s = check_device(a.lse, dev, op, "lse"); !s.ok()) return s;
     if (Status s = check_data(a.lse, op, "lse"); !s.ok()) return s;
     const Extent o_extent = extent(a.o);
     if (overlaps(a.lse, q_extent.lo, q_extent.bytes) ||
@@ -253,20 +276,22 @@ Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a
     if (Status s = check_shape(a.sinks, {{d.num_q_heads, "num_q_heads"}}, op, "sinks"); !s.ok()) {
       return s;
     }
-    if (Status s = check_device(a.sinks, Device::cpu(), op, "sinks"); !s.ok()) return s;
+    if (Status s = check_device(a.sinks, dev, op, "sinks"); !s.ok()) return s;
     if (Status s = check_data(a.sinks, op, "sinks"); !s.ok()) return s;
   } else if (!is_empty_view(a.sinks)) {
     return bad(ext, "sinks is given, expected none (desc.has_sinks is false)");
   }
   if (d.pages) {
     const PagedKVDesc pd{d.kv, *d.pages};
-    if (Status s = ops::check_paged_kv(pd, a.paged, Device::cpu(), op); !s.ok()) return s;
+    if (Status s = ops::check_paged_kv(pd, a.paged, dev, op); !s.ok()) return s;
+    if (!host) return ops::check_page_table_sizes(a.page_table, batch, op);
     if (Status s = ops::check_page_table(*d.pages, a.page_table, batch, op); !s.ok()) return s;
     return ops::check_seq_lens_fit(*d.pages, a.page_table, a.seq_lens, op);
   }
-  if (Status s = ops::check_contiguous_kv(d.kv, a.contiguous, batch, Device::cpu(), op); !s.ok()) {
+  if (Status s = ops::check_contiguous_kv(d.kv, a.contiguous, batch, dev, op); !s.ok()) {
     return s;
   }
+  if (!host) return Status();
   const int64_t capacity = a.contiguous.k.shape[2];
   for (int64_t b = 0; b < batch; ++b) {
     if (a.seq_lens[static_cast<size_t>(b)] > capacity) {
@@ -278,10 +303,21 @@ Status check_args(const detail::AttentionPlanState& plan, const AttentionArgs& a
   return Status();
 }
 
+// check_args, plus what only CUDA needs.
+Status check_all(const detail::AttentionPlanState& plan, const AttentionArgs& a) {
+  if (Status s = check_args(plan, a); !s.ok()) return s;
+  return plan.device.is_cpu() ? Status() : ops::check_cuda_attention_args(plan, a);
+}
+
+size_t plan_workspace_size(const detail::AttentionPlanState& plan) {
+  return plan.device.is_cpu() ? cpu::attention_workspace_size(plan)
+                              : ops::cuda_attention_workspace_size(plan);
+}
+
 Status run_plan(const detail::AttentionPlanState& plan, const Stream& stream,
                 std::span<std::byte> workspace, const AttentionArgs& args) {
-  if (Status s = check_args(plan, args); !s.ok()) return s;
-  const size_t need = cpu::attention_workspace_size(plan);
+  if (Status s = check_all(plan, args); !s.ok()) return s;
+  const size_t need = plan_workspace_size(plan);
   if (workspace.size() < need) {
     return Status::resource_exhausted(
         std::string(op_name(plan.extend)) + ": workspace has " + std::to_string(workspace.size()) +
@@ -290,15 +326,75 @@ Status run_plan(const detail::AttentionPlanState& plan, const Stream& stream,
   if (need > 0 && workspace.data() == nullptr) {
     return bad(plan.extend, "workspace has null data, expected a pointer");
   }
-  if (!stream.device.is_cpu()) {
-    return bad(plan.extend,
-               "stream is on " + to_string(stream.device) + ", expected cpu (the plan's device)");
+  if (stream.device != plan.device) {
+    return bad(plan.extend, "stream is on " + to_string(stream.device) + ", expected " +
+                                to_string(plan.device) + " (the plan's device)");
   }
+  if (!plan.device.is_cpu()) return ops::run_cuda_attention(plan, stream, workspace, args);
   cpu::run_attention(plan, args, workspace, stream.pool);
   return Status();
 }
 
+Result<AttentionSchedule> plan_schedule(const detail::AttentionPlanState& plan,
+                                        std::span<const int32_t> seq_lens,
+                                        std::span<const int32_t> q_indptr) {
+  const AttentionDesc& d = plan.desc;
+  const bool ext = plan.extend;
+  if (static_cast<int64_t>(seq_lens.size()) > d.max_batch) {
+    return bad(ext, "schedule: seq_lens has " + str(static_cast<int64_t>(seq_lens.size())) +
+                        " entries, expected <= max_batch = " + str(d.max_batch));
+  }
+  if (ext && q_indptr.size() != seq_lens.size() + 1) {
+    return bad(ext, "schedule: q_indptr has " + str(static_cast<int64_t>(q_indptr.size())) +
+                        " entries, expected batch + 1 = " +
+                        str(static_cast<int64_t>(seq_lens.size()) + 1));
+  }
+  if (!ext && !q_indptr.empty()) {
+    return bad(ext, "schedule: q_indptr is given, expected none for decode");
+  }
+  AttentionArgs lengths;
+  lengths.seq_lens = seq_lens;
+  lengths.q_indptr = q_indptr;
+  int64_t rows = static_cast<int64_t>(seq_lens.size());
+  if (Status s = check_host_lengths(plan, lengths, &rows); !s.ok()) return s;
+  if (plan.device.is_cpu()) return AttentionSchedule{plan.chunk, plan.max_chunks};
+  const auto visible = [&](int64_t pos) {
+    const int64_t win_lo = d.window > 0 ? std::max<int64_t>(0, pos + 1 - d.window) : 0;
+    const int64_t sinks = d.window > 0 ? std::min(d.sink_tokens, win_lo) : 0;
+    return sinks + pos + 1 - win_lo;
+  };
+  // Packed extend: blocks of `pack` query tokens per sequence, each as long as its last token's
+  // keys; used when the grid of batch x (most blocks of a sequence) fits the workspace.
+  const int64_t pack = ops::cuda_attention_packing(plan);
+  const auto batch = static_cast<int64_t>(seq_lens.size());
+  int64_t max_blocks = 0;
+  for (int64_t b = 0; ext && b < batch; ++b) {
+    const int64_t n = q_indptr[static_cast<size_t>(b + 1)] - q_indptr[static_cast<size_t>(b)];
+    max_blocks = std::max(max_blocks, (n + pack - 1) / pack);
+  }
+  const bool packed = pack > 1 && max_blocks > 0 && batch * max_blocks <= d.max_q_tokens;
+  std::vector<int64_t> keys;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = seq_lens[static_cast<size_t>(b)];
+    const int64_t n =
+        ext ? q_indptr[static_cast<size_t>(b + 1)] - q_indptr[static_cast<size_t>(b)] : 1;
+    if (packed) {
+      for (int64_t first = 0; first < n; first += pack) {
+        keys.push_back(visible(len - n + std::min(first + pack, n) - 1));
+      }
+      continue;
+    }
+    for (int64_t i = 0; i < n; ++i) keys.push_back(visible(len - n + i));
+  }
+  if (keys.empty()) keys.push_back(1);
+  AttentionSchedule s =
+      ops::cuda_attention_schedule(plan, keys, packed ? batch * max_blocks : rows);
+  s.max_query_blocks = packed ? max_blocks : 0;
+  return s;
+}
+
 Precision plan_precision(const detail::AttentionPlanState& plan) {
+  if (plan.mma) return ops::cuda_mma_attention_precision(plan);
   Precision p;
   p.abs_tol = 2e-5;
   const DType o = plan.desc.o_dtype;
@@ -311,6 +407,7 @@ Precision plan_precision(const detail::AttentionPlanState& plan) {
 }
 
 const char* plan_sku(const detail::AttentionPlanState& plan) {
+  if (!plan.device.is_cpu()) return plan.mma ? "cuda.sm90.mma" : "cuda.sm90.simt";
   switch (plan.isa) {
     case CpuIsa::avx512:
       return "cpu.avx512";
@@ -330,9 +427,13 @@ Result<DecodeAttentionPlan> DecodeAttentionPlan::select(const AttentionDesc& des
   return DecodeAttentionPlan(*st);
 }
 Status DecodeAttentionPlan::can_implement(const AttentionArgs& args) const {
-  return check_args(state_, args);
+  return check_all(state_, args);
 }
-size_t DecodeAttentionPlan::workspace_size() const { return cpu::attention_workspace_size(state_); }
+size_t DecodeAttentionPlan::workspace_size() const { return plan_workspace_size(state_); }
+Result<AttentionSchedule> DecodeAttentionPlan::schedule(std::span<const int32_t> seq_lens,
+                                                        std::span<const int32_t> q_indptr) const {
+  return plan_schedule(state_, seq_lens, q_indptr);
+}
 Status DecodeAttentionPlan::run(const Stream& stream, std::span<std::byte> workspace,
                                 const AttentionArgs& args) const {
   return run_plan(state_, stream, workspace, args);
@@ -347,9 +448,13 @@ Result<ExtendAttentionPlan> ExtendAttentionPlan::select(const AttentionDesc& des
   return ExtendAttentionPlan(*st);
 }
 Status ExtendAttentionPlan::can_implement(const AttentionArgs& args) const {
-  return check_args(state_, args);
+  return check_all(state_, args);
 }
-size_t ExtendAttentionPlan::workspace_size() const { return cpu::attention_workspace_size(state_); }
+size_t ExtendAttentionPlan::workspace_size() const { return plan_workspace_size(state_); }
+Result<AttentionSchedule> ExtendAttentionPlan::schedule(std::span<const int32_t> seq_lens,
+                                                        std::span<const int32_t> q_indptr) const {
+  return plan_schedule(state_, seq_lens, q_indptr);
+}
 Status ExtendAttentionPlan::run(const Stream& stream, std::span<std::byte> workspace,
                                 const AttentionArgs& args) const {
   return run_plan(state_, stream, workspace, args);

@@ -1,0 +1,529 @@
+// Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+// The attention kernel on tensor cores (mma.sync m16n8k16, f32 accumulation) for bf16, f16, int8
+// and fp8_e4m3 K/V with head_dim 64, 128 or 256 (8-bit: 128 or 256).
+//
+// A CTA of 4 warps serves one work item (attention_common.cuh) whose query heads (up to 16: the
+// MMA's M rows; the rest padding) share one kv head. The chunk's keys are cut into tiles of 16;
+// warp w takes tiles w, w + 4, ... and streams each tile's K and V rows (and scales) into its own
+// ring of kStages shared-memory stages with cp.async, so loads for later tiles are in flight while
+// it computes. Per tile: S = Q K^T (two n8 tiles of keys, head_dim / 16 k-steps), online softmax
+// on S in registers (a rescale only when a row's max grows), O += P V (head_dim / 8 n8 tiles).
+// Every warp is one slot of the epilogue.
+//
+// Operands. Q (scaled by sm_scale * log2 e) and P are rounded to the MMA type (bf16 for bf16 K/V,
+// else f16). K and V tiles sit in shared memory as stored, each row padded by 16 bytes so that
+// ldmatrix is conflict-free. 16-bit K: ldmatrix gives the B fragments of
+// Q K^T directly; 16-bit V: ldmatrix.trans those of P V. 8-bit K: a b16 of ldmatrix holds two
+// stored bytes, so one 8x8 matrix (8 keys x 16 dims) converts to a whole k16 B fragment whose k
+// order is dims (4c, 4c + 1 | 4c + 2, 4c + 3) for c = lane % 4: Q's A fragments use the same
+// order. 8-bit V: ldmatrix.trans gives each lane two keys x two adjacent dims; a byte permute
+// splits them into the B fragments of an "even dims" and an "odd dims" n8 tile. int8 -> f16 is
+// exact by the 0x6400 magic (byte permute + one subtraction); e4m3 -> f16 by cvt. Scales: the K
+// scale multiplies the score column, the V scale the softmax weight.
+
+#include <type_traits>
+
+#include "attention_common.cuh"
+
+namespace kvcache::cuda {
+
+inline constexpr int kTileKeys = 16;
+
+// --- PTX wrappers ---
+
+__device__ inline uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, L2 only; src_bytes 0 fills zeros (a masked row).
+__device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <bool kBf16>
+__device__ inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one register of the MMA type (first in the low half).
+template <bool kBf16>
+__device__ inline uint32_t pack2(float lo, float hi) {
+  if constexpr (kBf16) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    return u;
+  }
+}
+
+// Two stored 8-bit values (bytes 0 and 1 of x) as f16x2, exactly.
+template <class KV>
+__device__ inline uint32_t byte_pair_to_f16x2(uint32_t x) {
+  if constexpr (std::is_same_v<KV, E4M3>) {
+    const __half2_raw h =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  } else {
+    // 0x64XX is 1024 + XX as f16; XX = byte + 128 (the sign bit flipped), so subtract 1152.
+    const uint32_t h = __byte_perm(x ^ 0x8080u, 0x64646464u, 0x4140);
+    __half2 v;
+    memcpy(&v, &h, 4);
+    const __half2 r = __hsub2(v, __half2half2(__ushort_as_half(0x6480)));
+    uint32_t u;
+    memcpy(&u, &r, 4);
+    return u;
+  }
+}
+
+template <class KV, int kHeadDim>
+struct MmaShape {
+  static constexpr bool kEightBit = sizeof(KV) == 1;
+  static constexpr bool kBf16 = std::is_same_v<KV, BF16>;
+  static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(KV));
+  static constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks per key row
+  // Rows padded by 16 bytes: the 8 rows an ldmatrix reads start in 8 different bank groups.
+  static constexpr int kRowStride = kRowBytes + 16;
+  static constexpr int kTileBytes = kTileKeys * kRowStride;
+  // K tile, V tile, K scales [16], V scales [16], row bias [16] (0, or -inf: masked).
+  static constexpr int kStageBytes = 2 * kTileBytes + 3 * kTileKeys * 4;
+  // Three stages: two tiles in flight per warp while it computes a third (measured on H200:
+  // 3 stages at 2 CTAs / SM beat 2 stages at 3 CTAs / SM for 16-bit head_dim 128;
+  // docs/PERFORMANCE.md).
+  static constexpr int kStages = 3;
+  static constexpr int kPipelineBytes = kAttnWarps * kStages * kStageBytes;
+  static constexpr int kEpilogueBytes =
+      (kAttnWarps * kTileKeys * kHeadDim + kMergeScratchFloats<kTileKeys>)*4;
+  static constexpr int kSmemBytes =
+      kPipelineBytes > kEpilogueBytes ? kPipelineBytes : kEpilogueBytes;
+  static constexpr int kKSteps = kHeadDim / 16;
+  static constexpr int kNTiles = kHeadDim / 8;  // n8 tiles of O
+  static constexpr int kCopies = kChunks / 2;   // 16-byte copies per lane per tile and side
+  static_assert(kChunks % 2 == 0 && kKSteps % 2 == 0, "head_dim a multiple of 32");
+};
+
+// 2^x, one MUFU instruction; inputs far below the range flush to 0.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A finite stand-in for -inf as the running max: x - kNoMax never overflows into NaN.
+inline constexpr float kNoMax = -1e30f;
+
+// Where row (lane & 15) of one tile comes from, as locate() found it a tile ahead: the page index
+// is loaded there and only read in issue(), so its latency hides behind a tile of work.
+struct TileRow {
+  bool live = false;      // a tile of this warp (else nothing is copied)
+  bool in_range = false;  // a visible key (else masked)
+  int64_t page = 0;       // paged: the loaded page index (checked in issue()); else the sequence
+  int64_t in_page = 0;    // slot in the page (contiguous: the position)
+  int local = 0;          // paged: the page's entry in the sequence's page list
+};
+
+template <class KV, int kHeadDim>
+__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
+    attention_mma_kernel(const __grid_constant__ AttnKernelParams p) {
+  using S = MmaShape<KV, kHeadDim>;
+  constexpr bool kBf16 = S::kBf16;
+  constexpr int kRows = 16;
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ EpilogueSmem<kRows, kAttnWarps> ep;
+
+  const AttnItem it = resolve_item(p, kRows);
+  if (!it.ok) return;
+  const AttnItem& row = it;
+  const int head_group = it.row_group % (p.num_kv_heads * p.subgroups);
+  const int num_chunks = (row.num_vis + p.chunk_size - 1) / p.chunk_size;
+  if (it.chunk >= num_chunks) return;
+
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int quad = lane & 3;  // c: the column pair of C / B fragments
+  const int grp = lane >> 2;  // the row of A / C fragments (and + 8)
+  const int v0 = it.chunk * p.chunk_size;
+  const int v1 = min(v0 + p.chunk_size, row.num_vis);
+  const int num_tiles = (v1 - v0 + kTileKeys - 1) / kTileKeys;
+  const int my_tiles = (num_tiles - warp + kAttnWarps - 1) / kAttnWarps;
+  const bool report_pages = head_group == 0 && lane < kTileKeys;
+  const int copy_row = lane & (kTileKeys - 1);  // the row this lane copies
+  const int copy_half = lane >> 4;              // its even (0) or odd (1) chunks
+
+  // The CTA's constant parts of the row offsets (elements).
+  const int64_t k_head = it.kv_head * p.k.head_stride;
+  const int64_t v_head = it.kv_head * p.v.head_stride;
+
+  // Finds this lane's row of the warp's i-th tile (the page index load stays in flight).
+  const auto locate = [&](int i) {
+    TileRow t;
+    const int v = v0 + (warp + i * kAttnWarps) * kTileKeys + copy_row;
+    t.live = i < my_tiles;
+    t.in_range = t.live && v < v1;
+    if (!t.in_range) return t;
+    const int j = v < row.sink_cnt ? v : row.win_lo + v - row.sink_cnt;
+    if (p.paged) {
+      t.local = p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+      t.in_page = j - t.local * p.page_size;
+      t.page = p.indices[row.page_base + t.local];
+    } else {
+      t.page = row.b;
+      t.in_page = j;
+    }
+    return t;
+  };
+
+  uint8_t* ring = smem + warp * S::kStages * S::kStageBytes;
+  const uint32_t ring_addr = smem_addr(ring);
+
+  // Copies the tile's rows into stage st (one commit group; masked rows become zeros, bias -inf).
+  const auto issue = [&](const TileRow& t, int st) {
+    if (!t.live) {
+      cp_async_commit();  // an empty group keeps the wait counts uniform
+      return;
+    }
+    bool ok = t.in_range;
+    if (ok && p.paged && (t.page < 0 || t.page >= p.num_pages)) {
+      if (report_pages) {
+        record_error(p.errors, p.op, ErrorArg::page_indices, row.page_base + t.local, t.page, 0,
+                     p.num_pages);
+      }
+      ok = false;
+    }
+    constexpr int64_t kElem = static_cast<int64_t>(sizeof(KV));
+    const int64_t k_row =
+        ok ? (t.page * p.k.page_stride + t.in_page * p.k.slot_stride + k_head) * kElem : -1;
+    const int64_t v_row =
+        ok ? (t.page * p.v.page_stride + t.in_page * p.v.slot_stride + v_head) * kElem : -1;
+    const uint32_t k_tile = ring_addr + st * S::kStageBytes;
+    const uint32_t v_tile = k_tile + S::kTileBytes;
+    // Lanes cover consecutive 16-byte chunks of a row (whole rows per instruction); each row's
+    // offsets come from the lane that resolved it.
+    constexpr int kRowsPerCopy = 32 / S::kChunks;
+    const int chunk = lane % S::kChunks;
+#pragma unroll
+    for (int c = 0; c < S::kCopies; ++c) {
+      const int r2 = c * kRowsPerCopy + lane / S::kChunks;
+      const int64_t k_off = __shfl_sync(0xffffffffu, k_row, r2);
+      const int64_t v_off = __shfl_sync(0xffffffffu, v_row, r2);
+      const bool row_ok = k_off >= 0;
+      const uint32_t dst = r2 * S::kRowStride + chunk * 16;
+      cp_async16(k_tile + dst, p.k.base + (row_ok ? k_off + chunk * 16 : 0), row_ok ? 16 : 0);
+      cp_async16(v_tile + dst, p.v.base + (row_ok ? v_off + chunk * 16 : 0), row_ok ? 16 : 0);
+    }
+    if constexpr (S::kEightBit) {
+      // Lanes 0-15: K scales of rows 0-15; lanes 16-31: V scales.
+      const AttnSide& side = copy_half == 0 ? p.k : p.v;
+      const int64_t at = t.page * side.scale_page_stride + t.in_page * side.scale_slot_stride +
+                         it.kv_head * side.scale_head_stride;
+      cp_async4(v_tile + S::kTileBytes + lane * 4, side.scales + (ok ? at : 0), ok ? 4 : 0);
+    }
+    if (copy_half == 0) {
+      float* bias =
+          reinterpret_cast<float*>(ring + st * S::kStageBytes + 2 * S::kTileBytes) + 2 * kTileKeys;
+      bias[copy_row] = ok ? 0.0f : -INFINITY;
+    }
+    cp_async_commit();
+  };
+
+  // Prologue: the first kStages - 1 tiles in flight, the next tile's rows located.
+  TileRow next = locate(0);
+#pragma unroll
+  for (int st = 0; st < S::kStages - 1; ++st) {
+    issue(next, st);
+    next = locate(st + 1);
+  }
+
+  // Q as A fragments, per k-step: {(grp, k 2q..), (grp + 8, k 2q..), (grp, k 2q+8..), (grp + 8,
+  // k 2q+8..)}; the dims of k follow the B fragments' order (header paragraph).
+  uint32_t qa[S::kKSteps][4];
+#pragma unroll
+  for (int s = 0; s < S::kKSteps; ++s) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int rr = grp + (j & 1) * 8;
+      const int hi = j >> 1;  // k + 8
+      const int dim = S::kEightBit ? 16 * s + 4 * quad + 2 * hi : 16 * s + 2 * quad + 8 * hi;
+      float x0 = 0.0f;
+      float x1 = 0.0f;
+      if (rr < it.rows) {  // kernel row rr: token rr / heads, head rr % heads
+        const int64_t base = (it.q_row0 + rr / it.heads) * p.q_row_stride +
+                             (it.head0 + rr % it.heads) * p.q_head_stride + dim;
+        x0 = p.q_scale * load_io(p.q, base, p.q_type);
+        x1 = p.q_scale * load_io(p.q, base + 1, p.q_type);
+      }
+      qa[s][j] = pack2<kBf16>(x0, x1);
+    }
+  }
+
+  // ldmatrix row addresses of this lane, relative to a tile (header paragraph for the orders).
+  const int mi = lane >> 3;  // the 8x8 matrix this lane addresses
+  const int mrow = lane & 7;
+  const uint32_t k_ld = S::kEightBit ? ((mi & 1) * 8 + mrow) * S::kRowStride + (mi >> 1) * 16
+                                     : ((mi >> 1) * 8 + mrow) * S::kRowStride + (mi & 1) * 16;
+  const uint32_t v_ld = ((mi & 1) * 8 + mrow) * S::kRowStride + (mi >> 1) * 16;
+
+  // Packed extend: the causal limit of this thread's rows grp and grp + 8 (keys j > pos are
+  // masked); one query row per CTA needs none (its chunks end at its position).
+  const bool packed = p.q_per_cta > 1;
+  int row_pos[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int rr = grp + 8 * h;
+    row_pos[h] = rr < it.rows ? it.pos - (it.ntok - 1) + rr / it.heads : it.pos;
+  }
+
+  float m[2] = {kNoMax, kNoMax};  // rows grp, grp + 8
+  float l[2] = {0.0f, 0.0f};
+  float acc[S::kNTiles][4];
+#pragma unroll
+  for (int n = 0; n < S::kNTiles; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) acc[n][x] = 0.0f;
+  }
+
+  for (int i = 0; i < my_tiles; ++i) {
+    cp_async_wait<S::kStages - 2>();
+    __syncwarp();  // tile i landed for every lane; every lane is done with tile i - 1's stage
+    issue(next, (i + S::kStages - 1) % S::kStages);
+    next = locate(i + S::kStages);
+    const int st = i % S::kStages;
+    const uint32_t k_tile = ring_addr + st * S::kStageBytes;
+    const uint32_t v_tile = k_tile + S::kTileBytes;
+    const float* scales =
+        reinterpret_cast<const float*>(ring + st * S::kStageBytes + 2 * S::kTileBytes);
+    const float* bias = scales + 2 * kTileKeys;
+    const int tile_v0 = v0 + (warp + i * kAttnWarps) * kTileKeys;
+
+    // S = Q K^T: sc[n-tile of 8 keys][c0..c3].
+    float sc[2][4] = {};
+#pragma unroll
+    for (int s2 = 0; s2 < S::kKSteps; s2 += 2) {
+      uint32_t b[4];
+      if constexpr (S::kEightBit) {
+        // matrices: (keys 0-7, k-step s2), (keys 8-15, s2), (keys 0-7, s2+1), (keys 8-15, s2+1)
+        ldmatrix_x4(b, k_tile + k_ld + s2 * 16);
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          mma16816<false>(sc[x & 1], qa[s2 + (x >> 1)], byte_pair_to_f16x2<KV>(b[x]),
+                          byte_pair_to_f16x2<KV>(b[x] >> 16));
+        }
+      } else {
+        // per k-step s: (keys 0-7, dims 16 s + 0-7), (keys 0-7, + 8-15), (keys 8-15, ..), (..)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          ldmatrix_x4(b, k_tile + k_ld + (s2 + h) * 32);
+          mma16816<kBf16>(sc[0], qa[s2 + h], b[0], b[1]);
+          mma16816<kBf16>(sc[1], qa[s2 + h], b[2], b[3]);
+        }
+      }
+    }
+
+    // Scale, cap, mask (keys past the chunk or behind a bad page index); the rows' new maxima.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        const int col = nt * 8 + 2 * quad + (x & 1);
+        float v = sc[nt][x];
+        if constexpr (S::kEightBit) v *= scales[col];
+        if (p.soft_cap_log2 > 0.0f) v = p.soft_cap_log2 * tanhf(v * p.inv_soft_cap);
+        v += bias[col];
+        if (packed && tile_v0 + col > row_pos[x >> 1]) v = -INFINITY;
+        sc[nt][x] = v;
+        mx[x >> 1] = fmaxf(mx[x >> 1], v);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    if (__any_sync(0xffffffffu, mx[0] > m[0] || mx[1] > m[1])) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float corr = fast_exp2(m[h] - mx[h]);
+        l[h] *= corr;
+#pragma unroll
+        for (int n = 0; n < S::kNTiles; ++n) {
+          acc[n][2 * h] *= corr;
+          acc[n][2 * h + 1] *= corr;
+        }
+        m[h] = mx[h];
+      }
+    }
+
+    // P = 2^(S - m) as A fragments (V scales folded in); row sums.
+    uint32_t pa[4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      float w[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        w[x] = fast_exp2(sc[nt][x] - m[x >> 1]);
+        l[x >> 1] += w[x];
+        if constexpr (S::kEightBit) w[x] *= scales[kTileKeys + nt * 8 + 2 * quad + (x & 1)];
+      }
+      pa[2 * nt] = pack2<kBf16>(w[0], w[1]);
+      pa[2 * nt + 1] = pack2<kBf16>(w[2], w[3]);
+    }
+
+    // O += P V.
+    if constexpr (S::kEightBit) {
+      // matrices: (keys 0-7, dims 16 b..), (keys 8-15, 16 b..), (keys 0-7, 16 (b+1)..), (8-15, ..)
+#pragma unroll
+      for (int b2 = 0; b2 < kHeadDim / 16; b2 += 2) {
+        uint32_t v[4];
+        ldmatrix_x4_trans(v, v_tile + v_ld + b2 * 16);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t lo = v[2 * h];      // keys 2q, 2q+1 (x) dims 2n, 2n+1
+          const uint32_t hi = v[2 * h + 1];  // keys 2q+8, 2q+9
+          const int nt = 2 * (b2 + h);       // even dims tile; + 1: odd dims
+          mma16816<false>(acc[nt], pa, byte_pair_to_f16x2<KV>(__byte_perm(lo, 0, 0x0020)),
+                          byte_pair_to_f16x2<KV>(__byte_perm(hi, 0, 0x0020)));
+          mma16816<false>(acc[nt + 1], pa, byte_pair_to_f16x2<KV>(__byte_perm(lo, 0, 0x0031)),
+                          byte_pair_to_f16x2<KV>(__byte_perm(hi, 0, 0x0031)));
+        }
+      }
+    } else {
+      // matrices: (keys 0-7, dims 8 n..), (keys 8-15, 8 n..), (keys 0-7, 8 (n+1)..), (8-15, ..)
+#pragma unroll
+      for (int n2 = 0; n2 < S::kNTiles; n2 += 2) {
+        uint32_t v[4];
+        ldmatrix_x4_trans(v, v_tile + v_ld + n2 * 16);
+        mma16816<kBf16>(acc[n2], pa, v[0], v[1]);
+        mma16816<kBf16>(acc[n2 + 1], pa, v[2], v[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Hand the warps' partials to the epilogue (the ring's memory becomes s_acc).
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+  }
+  __syncthreads();
+  float* s_acc = reinterpret_cast<float*>(smem);
+  if (quad == 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      ep.m[warp * kRows + grp + 8 * h] = l[h] > 0.0f ? m[h] : -INFINITY;
+      ep.l[warp * kRows + grp + 8 * h] = l[h];
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < S::kNTiles; ++n) {
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+      const int rr = grp + 8 * (x >> 1);
+      // 8-bit: even / odd dims tiles; 16-bit: n8 tiles of consecutive dims.
+      const int dim = S::kEightBit ? 16 * (n >> 1) + 4 * quad + 2 * (x & 1) + (n & 1)
+                                   : 8 * n + 2 * quad + (x & 1);
+      s_acc[(warp * kRows + rr) * kHeadDim + dim] = acc[n][x];
+    }
+  }
+  __syncthreads();
+  finish_item(p, it, num_chunks, kAttnWarps, s_acc, ep, s_acc + kAttnWarps * kRows * kHeadDim);
+}
+
+// Raises the kernel's dynamic shared memory limit (once per instantiation).
+template <class KV, int kHeadDim>
+cudaError_t configure_attention_mma() {
+  static const cudaError_t configured = cudaFuncSetAttribute(
+      attention_mma_kernel<KV, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      MmaShape<KV, kHeadDim>::kSmemBytes);
+  return configured;
+}
+
+template <class KV, int kHeadDim>
+cudaError_t launch_attention_mma_dim(const AttnKernelParams& p, cudaStream_t stream) {
+  using S = MmaShape<KV, kHeadDim>;
+  if (cudaError_t err = configure_attention_mma<KV, kHeadDim>(); err != cudaSuccess) return err;
+  const int64_t ctas = attention_ctas(p);
+  attention_mma_kernel<KV, kHeadDim>
+      <<<dim3(static_cast<unsigned>(ctas)), kAttnThreads, S::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class KV, int kHeadDim>
+cudaError_t attention_mma_occupancy_dim(int* ctas_per_sm) {
+  if (cudaError_t err = configure_attention_mma<KV, kHeadDim>(); err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      ctas_per_sm, attention_mma_kernel<KV, kHeadDim>, kAttnThreads,
+      MmaShape<KV, kHeadDim>::kSmemBytes);
+}
+
+// Calls f.template operator()<kHeadDim>() for the kernel's head_dim, or returns invalid value.
+template <class KV, class F>
+cudaError_t with_mma_head_dim(int head_dim, F f) {
+  switch (head_dim) {
+    case 64:
+      if constexpr (sizeof(KV) == 2) return f.template operator()<64>();
+      return cudaErrorInvalidValue;
+    case 128:
+      return f.template operator()<128>();
+    case 256:
+      return f.template operator()<256>();
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <class KV>
+cudaError_t launch_attention_mma(const AttnKernelParams& p, cudaStream_t stream) {
+  return with_mma_head_dim<KV>(
+      p.head_dim, [&]<int kD>() { return launch_attention_mma_dim<KV, kD>(p, stream); });
+}
+
+template <class KV>
+cudaError_t attention_mma_occupancy(int head_dim, int* ctas_per_sm) {
+  return with_mma_head_dim<KV>(
+      head_dim, [&]<int kD>() { return attention_mma_occupancy_dim<KV, kD>(ctas_per_sm); });
+}
+
+}  // namespace kvcache::cuda
