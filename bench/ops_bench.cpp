@@ -23,6 +23,7 @@
 #include "kvcache/thread_pool.h"
 
 #include "bench/bandwidth.h"
+#include "bench/cuda_ops_bench.h"
 
 namespace kvcache::bench {
 namespace {
@@ -378,15 +379,19 @@ Result<double> time_case(const Case& c, int64_t repeats) {
 
 }  // namespace
 
+bool case_selected(const OpsBenchOptions& options, const std::string& op, const std::string& shape,
+                   const std::string& dtype) {
+  const std::string& f = options.filter;
+  return f.empty() || op.find(f) != std::string::npos || shape.find(f) != std::string::npos ||
+         dtype.find(f) != std::string::npos;
+}
+
 Result<Report> run_ops_bench(const OpsBenchOptions& options) {
   if (options.repeats < 1 || options.threads < 0) {
     return Status::invalid_argument(
         "bench ops: repeats < 1 or threads < 0, expected >= 1 and >= 0");
   }
-  if (!options.device.is_cpu()) {
-    return Status::unavailable("bench ops: device " + to_string(options.device) +
-                               " has no op backend yet, expected cpu (CUDA ops: issue 5)");
-  }
+  if (!options.device.is_cpu()) return run_cuda_ops_bench(options);
   const int threads = options.threads > 0
                           ? options.threads
                           : std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
@@ -431,16 +436,17 @@ Result<Report> run_ops_bench(const OpsBenchOptions& options) {
     cases.push_back([=] { return rope_shift_case(stream, chunk, dtype); });
   }
 
-  Report report(
-      {"op", "shape", "dtype", "sku", "median_us", "gbps", "bound_gbps", "bound_kind", "fraction"});
+  Report report({"op", "shape", "dtype", "sku", "timing", "median_us", "gbps", "bound_gbps",
+                 "bound_kind", "fraction"});
   for (const auto& make : cases) {
     Result<Case> c = make();
     if (!c.ok()) return c.status();
+    if (!case_selected(options, c->op, c->shape, c->dtype)) continue;
     Result<double> us = time_case(*c, options.repeats);
     if (!us.ok()) return us.status();
     const double gbps = c->bytes / (*us * 1e-6) * 1e-9;
     const double bound = c->bound == Bound::read ? bw->read_gbps : bw->copy_gbps;
-    report.add_row({c->op, c->shape, c->dtype, c->sku, *us, gbps, bound,
+    report.add_row({c->op, c->shape, c->dtype, c->sku, std::string("wall"), *us, gbps, bound,
                     std::string(c->bound == Bound::read ? "read" : "copy"), gbps / bound});
   }
   return report;

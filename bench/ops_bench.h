@@ -8,6 +8,7 @@
 // bound_kind, fraction (docs/CLI.md).
 
 #include <cstdint>
+#include <string>
 
 #include "kvcache/device.h"
 #include "kvcache/status.h"
@@ -21,7 +22,12 @@ struct OpsBenchOptions {
   int64_t repeats = 10;  // timed calls per case (after 2 untimed warm-up calls)
   int threads = 0;       // CPU threads; 0: every core
   bool quick = false;    // small shapes only (a smoke test of every case, seconds)
+  std::string filter;    // only the cases whose op, shape or dtype contains it (empty: all)
 };
+
+// Whether a case with these names passes options.filter.
+[[nodiscard]] bool case_selected(const OpsBenchOptions& options, const std::string& op,
+                                 const std::string& shape, const std::string& dtype);
 
 // invalid_argument for repeats < 1 or threads < 0; unavailable for a device with no backend yet
 // (cuda: issue 5); otherwise the first error an op returned.

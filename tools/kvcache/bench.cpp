@@ -30,6 +30,7 @@ constexpr const char* kUsage =
     "  --device D      ops: cpu (default) or cuda\n"
     "  --threads N     ops: CPU threads (default: every core)\n"
     "  --quick         ops: small shapes only, a smoke test in seconds\n"
+    "  --filter TEXT   ops: only the cases whose op, shape or dtype contains TEXT\n"
     "  --help          show this text\n";
 
 int usage_error(const std::string& message) {
@@ -59,6 +60,7 @@ int run_bench(int argc, char** argv) {
   long long repeats = 0;
   long long threads = 0;
   bool quick = false;
+  std::string filter;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -69,11 +71,14 @@ int run_bench(int argc, char** argv) {
       quick = true;
       continue;
     }
-    if (arg == "--json" || arg == "--repeats" || arg == "--device" || arg == "--threads") {
+    if (arg == "--json" || arg == "--repeats" || arg == "--device" || arg == "--threads" ||
+        arg == "--filter") {
       if (i + 1 >= argc) return usage_error(arg + " needs a value");
       const std::string value = argv[++i];
       if (arg == "--json") {
         json_path = value;
+      } else if (arg == "--filter") {
+        filter = value;
       } else if (arg == "--device") {
         if (value != "cpu" && value != "cuda") {
           return usage_error("--device is '" + value + "', expected cpu or cuda");
@@ -94,8 +99,8 @@ int run_bench(int argc, char** argv) {
   if (suite != "manager" && suite != "ops") {
     return usage_error("unknown suite '" + suite + "', expected one of: ops, manager");
   }
-  if (suite == "manager" && (quick || threads != 0 || device != "cpu")) {
-    return usage_error("--quick, --threads and --device apply to the ops suite only");
+  if (suite == "manager" && (quick || threads != 0 || device != "cpu" || !filter.empty())) {
+    return usage_error("--quick, --threads, --device and --filter apply to the ops suite only");
   }
 
   Result<bench::Report> report = Status::internal("no suite ran");
@@ -108,6 +113,7 @@ int run_bench(int argc, char** argv) {
     if (repeats > 0) options.repeats = repeats;
     options.threads = static_cast<int>(threads);
     options.quick = quick;
+    options.filter = filter;
     options.device = device == "cuda" ? Device::cuda(0) : Device::cpu();
     report = bench::run_ops_bench(options);
   }
