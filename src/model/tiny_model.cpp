@@ -2,6 +2,7 @@
 #include "model/tiny_model.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -113,6 +114,21 @@ Status check_config(const TinyModelConfig& c) {
       return bad(at + "head_dim is " + std::to_string(a.head_dim) + ", expected even and >= 2");
     }
     if (!(a.rope_theta > 0.0)) return bad(at + "rope_theta is not positive, expected > 0");
+    int64_t pairs = 0;
+    for (size_t s = 0; s < a.mrope_section.size(); ++s) {
+      const int32_t n = a.mrope_section[s];
+      if (n < 0 || (s >= 3 && n != 0) || (s > 0 && n != 0 && a.mrope_section[s - 1] == 0)) {
+        return bad(at + "mrope_section is {" + std::to_string(a.mrope_section[0]) + ", " +
+                   std::to_string(a.mrope_section[1]) + ", " + std::to_string(a.mrope_section[2]) +
+                   ", " + std::to_string(a.mrope_section[3]) +
+                   "}, expected up to 3 non-negative sizes, non-zero ones first, the 4th 0");
+      }
+      pairs += n;
+    }
+    if (pairs != 0 && pairs != a.head_dim / 2) {
+      return bad(at + "mrope_section sums to " + std::to_string(pairs) + ", expected 0 or " +
+                 std::to_string(a.head_dim / 2) + " (head_dim / 2)");
+    }
     if (l.kind == LayerKind::sliding_window && (a.keep < 0 || a.keep >= a.window)) {
       return bad(at + "window " + std::to_string(a.window) + " / keep " + std::to_string(a.keep) +
                  ", expected 0 <= keep < window");
@@ -187,6 +203,16 @@ std::vector<LayerConfig> default_layers() {
   return {full, sliding, recurrent, full};
 }
 
+std::vector<LayerConfig> serving_layers() {
+  std::vector<LayerConfig> layers = default_layers();  // full, sliding, recurrent, full
+  layers[1].attention.window = 32;
+  layers[1].attention.keep = 0;
+  layers[3].attention.mrope_section = {4, 2, 2, 0};
+  return layers;
+}
+
+std::array<int64_t, 3> mrope_positions(int64_t pos) { return {pos, pos / 16, pos % 16}; }
+
 // --- math ---
 
 void matmul(const float* x, int64_t rows, const float* w, int64_t in, int64_t out, float* y) {
@@ -209,11 +235,27 @@ void rms_norm(const float* x, const float* weight, int64_t n, float* y) {
 }
 
 void rope(float* x, int64_t num_heads, int64_t head_dim, int64_t pos, double theta) {
+  rope_sections(x, num_heads, head_dim, pos, theta, {});
+}
+
+void rope_sections(float* x, int64_t num_heads, int64_t head_dim, int64_t pos, double theta,
+                   const std::array<int32_t, 4>& sections) {
   const int64_t half = head_dim / 2;
+  const std::array<int64_t, 3> streams = mrope_positions(pos);
   for (int64_t i = 0; i < half; ++i) {
+    // The section of pair i picks its position stream (plain RoPE: stream 0, which is pos).
+    int64_t stream_pos = pos;
+    int64_t end = 0;
+    for (size_t s = 0; s < streams.size() && sections[s] != 0; ++s) {
+      end += sections[s];
+      if (i < end) {
+        stream_pos = streams[s];
+        break;
+      }
+    }
     const double inv_freq =
         std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-    const double angle = static_cast<double>(pos) * inv_freq;
+    const double angle = static_cast<double>(stream_pos) * inv_freq;
     const auto c = static_cast<float>(std::cos(angle));
     const auto s = static_cast<float>(std::sin(angle));
     for (int64_t h = 0; h < num_heads; ++h) {
@@ -452,8 +494,8 @@ TinyModel::Qkv TinyModel::project_qkv(int64_t layer, const std::vector<float>& h
       for (int64_t i = 0; i < c.num_kv_heads; ++i)
         rms_norm(k + i * hd, w.k_norm.data(), hd, k + i * hd);
     }
-    rope(q, c.num_q_heads, hd, pos0 + r, c.rope_theta);
-    rope(k, c.num_kv_heads, hd, pos0 + r, c.rope_theta);
+    rope_sections(q, c.num_q_heads, hd, pos0 + r, c.rope_theta, c.mrope_section);
+    rope_sections(k, c.num_kv_heads, hd, pos0 + r, c.rope_theta, c.mrope_section);
   }
   round_through(config_.dtype, out.k);
   round_through(config_.dtype, out.v);

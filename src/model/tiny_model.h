@@ -18,6 +18,7 @@
 // A TinyModel is immutable after create(); const methods may run concurrently. A Session is not
 // thread-safe; callers serialize access. A Session must not outlive its model.
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -48,6 +49,9 @@ struct AttentionConfig {
   int64_t head_dim = 16;     // even: RoPE rotates pairs
   double rope_theta = 10000.0;
   bool qk_norm = true;  // RMSNorm over head_dim of q and k before RoPE
+  // Multi-section RoPE (Qwen2-VL mrope): sizes in frequency pairs of up to 3 sections summing to
+  // head_dim / 2, driven by the position streams of mrope_positions(); all zero: plain RoPE.
+  std::array<int32_t, 4> mrope_section{};
   // sliding_window only (RotatingKVCache): a query at position p sees keys
   // [0, keep) and [p - (window - keep) + 1, p].
   int64_t window = 0;  // max_size, sinks included
@@ -74,6 +78,15 @@ struct LayerConfig {
 // Attention, sliding window (24 tokens, 2 sinks: a 40-60 token decode wraps it), recurrent,
 // attention.
 [[nodiscard]] std::vector<LayerConfig> default_layers();
+// The serving demo's layers: attention, sliding window of 32 tokens without sinks (the paged
+// manager releases pages that leave the window, so sink tokens could not stay), recurrent, and
+// attention with multi-section RoPE (sections 4, 2, 2 of head_dim 16).
+[[nodiscard]] std::vector<LayerConfig> serving_layers();
+
+// The three position streams of multi-section RoPE for text position pos, as if the text were
+// laid out in rows of 16: (pos, pos / 16, pos % 16). Distinct streams, so a section that used the
+// wrong one would show.
+[[nodiscard]] std::array<int64_t, 3> mrope_positions(int64_t pos);
 
 struct TinyModelConfig {
   int64_t vocab = 97;
@@ -116,6 +129,10 @@ void matmul(const float* x, int64_t rows, const float* w, int64_t in, int64_t ou
 void rms_norm(const float* x, const float* weight, int64_t n, float* y);
 // Rotates x [num_heads, head_dim] in place for position pos (rotate-half pairs (i, i + d/2)).
 void rope(float* x, int64_t num_heads, int64_t head_dim, int64_t pos, double theta);
+// The same with multi-section RoPE: frequency pair i uses stream s of mrope_positions(pos) when i
+// falls in section s. All-zero sections: rope() above.
+void rope_sections(float* x, int64_t num_heads, int64_t head_dim, int64_t pos, double theta,
+                   const std::array<int32_t, 4>& sections);
 // Rounds x through dtype (f32: unchanged), as storing it in a cache of that dtype does.
 void round_through(DType dtype, std::span<float> x);
 

@@ -321,6 +321,53 @@ TEST(TinyModel, RefusesBadConfigs) {
                         Code::invalid_argument, "no layers"));
   EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) { c.vocab = 1; }),
                         Code::invalid_argument, "vocab is 1, expected >= 2"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) {
+                          c.layers[0].attention.mrope_section = {4, 2, 1, 0};
+                        }),
+                        Code::invalid_argument,
+                        "mrope_section sums to 7, expected 0 or 8 (head_dim / 2)"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) {
+                          c.layers[0].attention.mrope_section = {4, 0, 4, 0};
+                        }),
+                        Code::invalid_argument, "mrope_section is {4, 0, 4, 0}, expected up to 3"));
+  EXPECT_TRUE(has_error(create_with([](TinyModelConfig& c) {
+                          c.layers[0].attention.mrope_section = {2, 2, 2, 2};
+                        }),
+                        Code::invalid_argument, "mrope_section is {2, 2, 2, 2}"));
+}
+
+// Multi-section RoPE rotates frequency pair i by the position stream of its section: pairs of
+// section 0 as plain RoPE at pos, section 1 at pos / 16, section 2 at pos % 16
+// (mrope_positions). All-zero sections are plain RoPE.
+TEST(TinyModel, MultiSectionRopeUsesEachSectionsStream) {
+  constexpr int64_t kHeads = 2, kDim = 16, kHalf = kDim / 2, kPos = 37;
+  std::vector<float> x(kHeads * kDim);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.1f * static_cast<float>(i % 11) - 0.4f;
+  const std::array<int64_t, 3> streams = mrope_positions(kPos);
+  EXPECT_EQ(streams, (std::array<int64_t, 3>{37, 2, 5}));
+
+  std::vector<float> plain = x, zero_sections = x;
+  rope(plain.data(), kHeads, kDim, kPos, 10000.0);
+  rope_sections(zero_sections.data(), kHeads, kDim, kPos, 10000.0, {});
+  EXPECT_EQ(plain, zero_sections);
+
+  std::vector<float> mrope = x;
+  rope_sections(mrope.data(), kHeads, kDim, kPos, 10000.0, {4, 2, 2, 0});
+  std::array<std::vector<float>, 3> by_stream;
+  for (size_t s = 0; s < 3; ++s) {
+    by_stream[s] = x;
+    rope(by_stream[s].data(), kHeads, kDim, streams[s], 10000.0);
+  }
+  for (int64_t h = 0; h < kHeads; ++h) {
+    for (int64_t i = 0; i < kHalf; ++i) {
+      const size_t s = i < 4 ? 0 : i < 6 ? 1 : 2;
+      for (const int64_t d : {i, i + kHalf}) {  // the pair (i, i + head_dim / 2)
+        const auto at = static_cast<size_t>(h * kDim + d);
+        EXPECT_EQ(mrope[at], by_stream[s][at]) << "head " << h << " dim " << d;
+      }
+    }
+  }
+  EXPECT_NE(mrope, plain);  // the streams differ, so the sections must show
 }
 
 TEST(TinyModel, RefusesBadTokensAndRollbacksWithoutChange) {

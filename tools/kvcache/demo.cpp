@@ -1,93 +1,84 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
-// `kvcache demo`: prefill + greedy decode of the tiny transformer, one cache per layer, every
-// step's logits checked against a recompute without cache; a speculative draft rolled back through
-// snapshot/restore; a corrupted cache shown to be caught. Prints a short report.
+// `kvcache demo`: parses the options, runs the serving engine (src/serving) and the small int8 /
+// fp8 reruns, prints a progress bar while it runs and the summary at the end, writes --json and
+// --plot. No logic of its own beyond that.
 #include "demo.h"
 
 #include <algorithm>
+#include <array>
 #include <charconv>
-#include <cstddef>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
-#include <memory>
 #include <optional>
-#include <random>
-#include <span>
 #include <string>
 #include <string_view>
-#include <utility>
 #include <vector>
 
-#include "kvcache/cache.h"
+#include "kvcache/device.h"
 #include "kvcache/dtype.h"
-#include "kvcache/rotating_cache.h"
 #include "kvcache/status.h"
-#include "kvcache/tensor.h"
 
-#include "model/tiny_model.h"
+#include "serving/engine.h"
+#include "serving/report.h"
+#include "serving/storage_compare.h"
+#include "serving/svg_plot.h"
+#include <unistd.h>
 
 namespace kvcache::cli {
 namespace {
 
-using model::LayerKind;
-using model::Session;
-using model::TinyModel;
-
-constexpr int64_t kDraftEvery = 8;  // decode steps between speculative drafts
-
-// Adds delta to every element of token `token` of a [batch, tokens, heads, dim] cache view (batch
-// row 0) and returns the bytes it overwrote, for restore_token.
-std::vector<std::byte> add_to_token(const TensorView& t, int64_t token, float delta) {
-  std::vector<std::byte> saved;
-  const size_t elem = size_of(t.dtype);
-  for (int64_t h = 0; h < t.dim(2); ++h) {
-    for (int64_t d = 0; d < t.dim(3); ++d) {
-      const int64_t index[] = {0, token, h, d};
-      void* p = t.element_ptr(index);
-      const auto* bytes = static_cast<const std::byte*>(p);
-      saved.insert(saved.end(), bytes, bytes + elem);
-      float value = 0.0f;
-      to_float(t.dtype, p, &value, 1);
-      value += delta;
-      from_float(&value, t.dtype, p, 1);
-    }
-  }
-  return saved;
-}
-
-void restore_token(const TensorView& t, int64_t token, const std::vector<std::byte>& saved) {
-  const size_t elem = size_of(t.dtype);
-  size_t at = 0;
-  for (int64_t h = 0; h < t.dim(2); ++h) {
-    for (int64_t d = 0; d < t.dim(3); ++d, at += elem) {
-      const int64_t index[] = {0, token, h, d};
-      std::memcpy(t.element_ptr(index), saved.data() + at, elem);
-    }
-  }
-}
+using serving::EngineOptions;
+using serving::EngineProgress;
+using serving::VerifyMode;
 
 constexpr const char* kUsage =
     "usage: kvcache demo [options]\n"
     "\n"
-    "Greedy decode with a small deterministic transformer (attention with GQA, QK-norm and RoPE;\n"
-    "a sliding-window layer with sink tokens; a Gated DeltaNet recurrent layer), each layer over\n"
-    "its own cache. Every step's logits are checked against a recompute without any cache.\n"
+    "Serves many multi-turn conversations with a small deterministic transformer (attention with\n"
+    "GQA, QK-norm and RoPE; a sliding-window layer; a recurrent layer; attention with "
+    "multi-section\n"
+    "RoPE) over paged K/V: one BlockManager with a fixed page budget, prefix caching of the "
+    "shared\n"
+    "system prompts and of each conversation's history, continuous batching, copy-on-write forks,\n"
+    "eviction and preemption. The logits of the decode steps are compared with a recompute from\n"
+    "scratch without any cache. Then the first conversations run again with int8 and fp8 K/V to\n"
+    "show what quantized storage costs against bf16.\n"
     "\n"
-    "options:\n"
-    "  --steps N      decode steps (default 48)\n"
-    "  --prompt N     prompt tokens, prefilled in one chunk (default 16)\n"
-    "  --dtype T      cache storage: f32, f16 or bf16 (default bf16)\n"
-    "  --seed S       seed of the weights and the prompt (default 1)\n"
-    "  --draft K      tokens drafted and rolled back every 8 steps, 0 for none (default 3)\n"
-    "  --help         show this text\n";
+    "workload:\n"
+    "  --conversations N  conversations (default 64); each 8 share one system prompt\n"
+    "  --turns N          turns per conversation (default 4); each turn's prompt is the whole\n"
+    "                     history plus the new user tokens\n"
+    "  --seed S           seed of the workload and of the model's weights (default 1)\n"
+    "cache:\n"
+    "  --pages N          page budget per layer group (default 384; the histories need more)\n"
+    "  --page-size N      tokens per page (default 16)\n"
+    "  --kv-dtype T       K/V storage: bf16 (default), int8 or fp8 (e4m3, per-token scales);\n"
+    "                     f16 and f32 also work\n"
+    "  --batch N          most sequences in one step (default 32; forks included)\n"
+    "  --device D         cpu (default) or cuda (the first GPU)\n"
+    "  --threads N        CPU threads of the ops (default 2)\n"
+    "checks and output:\n"
+    "  --verify M         sample: the requests of every 4th conversation (default); all: every\n"
+    "                     request\n"
+    "  --corrupt-at-step N  negative control: invert one cached K page of a checked sequence\n"
+    "                     at step N (or the first step after it that decodes one); the checks\n"
+    "                     must then fail and the exit code be 1\n"
+    "  --json FILE        write the summary as JSON (keys: docs/CLI.md)\n"
+    "  --plot FILE.svg    draw the full-attention pool's pages (live, cached, free) and the\n"
+    "                     cumulative prefix hit rate over the steps\n"
+    "  --help             show this text\n"
+    "\n"
+    "A progress bar goes to stderr when it is a terminal. Exit code: 0 when every check passed;\n"
+    "1 when a check failed or the run failed; 2 when it could not start as asked (a bad option,\n"
+    "a page budget too small for one request, --device cuda without a usable GPU or CUDA build).\n";
+
+constexpr std::array<DType, 2> kQuantized = {DType::int8, DType::fp8_e4m3};
 
 struct Options {
-  int64_t steps = 48;
-  int64_t prompt = 16;
-  DType dtype = DType::bf16;
-  uint64_t seed = 1;
-  int64_t draft = 3;
+  EngineOptions engine;
+  std::string json_path;
+  std::string plot_path;
   bool help = false;
 };
 
@@ -102,10 +93,58 @@ bool parse_int(std::string_view text, T min, T max, T& out) {
   return true;
 }
 
+// One option's value; the error text after "--key is 'value', expected ", or none.
+std::optional<std::string> apply(std::string_view key, std::string_view value, Options& o) {
+  EngineOptions& e = o.engine;
+  const auto range = [](int64_t lo, int64_t hi) {
+    return "an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  };
+  if (key == "--conversations") {
+    if (!parse_int<int64_t>(value, 1, 4096, e.workload.num_conversations)) return range(1, 4096);
+  } else if (key == "--turns") {
+    if (!parse_int<int64_t>(value, 1, 64, e.workload.num_turns)) return range(1, 64);
+  } else if (key == "--seed") {
+    if (!parse_int<uint64_t>(value, 0, UINT64_MAX, e.workload.seed)) return "an unsigned integer";
+  } else if (key == "--pages") {
+    if (!parse_int<int64_t>(value, 2, 1 << 20, e.num_pages)) return range(2, 1 << 20);
+  } else if (key == "--page-size") {
+    if (!parse_int<int64_t>(value, 1, 256, e.page_size)) return range(1, 256);
+  } else if (key == "--batch") {
+    if (!parse_int<int64_t>(value, 1, 1024, e.max_running)) return range(1, 1024);
+  } else if (key == "--threads") {
+    if (!parse_int<int>(value, 1, 256, e.num_threads)) return range(1, 256);
+  } else if (key == "--corrupt-at-step") {
+    if (!parse_int<int64_t>(value, 0, INT64_MAX, e.flip_k_page_at_step)) {
+      return "a non-negative integer";
+    }
+  } else if (key == "--kv-dtype") {
+    const Result<DType> d = value == "fp8" ? Result<DType>(DType::fp8_e4m3) : parse_dtype(value);
+    if (!d.ok() || (*d != DType::bf16 && *d != DType::int8 && *d != DType::fp8_e4m3 &&
+                    *d != DType::f16 && *d != DType::f32)) {
+      return "bf16, int8, fp8, f16 or f32";
+    }
+    e.kv_dtype = *d;
+  } else if (key == "--device") {
+    if (value != "cpu" && value != "cuda") return "cpu or cuda";
+    e.device = value == "cpu" ? Device::cpu() : Device::cuda(0);
+  } else if (key == "--verify") {
+    if (value != "sample" && value != "all") return "sample or all";
+    e.verify = value == "all" ? VerifyMode::all : VerifyMode::sample;
+  } else if (key == "--json" || key == "--plot") {
+    if (value.empty()) return "a file name";
+    (key == "--json" ? o.json_path : o.plot_path) = value;
+  }
+  return std::nullopt;
+}
+
 // The error line for a bad command line, or none.
 std::optional<std::string> parse_options(int argc, char** argv, Options& o) {
+  constexpr std::string_view kKeys[] = {
+      "--conversations",   "--turns",   "--seed",   "--pages", "--page-size",
+      "--kv-dtype",        "--device",  "--verify", "--json",  "--plot",
+      "--corrupt-at-step", "--threads", "--batch"};
   for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
+    const std::string_view arg = argv[i];
     if (arg == "--help" || arg == "-h") {
       o.help = true;
       continue;
@@ -116,320 +155,100 @@ std::optional<std::string> parse_options(int argc, char** argv, Options& o) {
       key = arg.substr(0, eq);
       value = arg.substr(eq + 1);
     }
-    if (key != "--steps" && key != "--prompt" && key != "--dtype" && key != "--seed" &&
-        key != "--draft") {
+    if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys)) {
       return "unknown option '" + std::string(arg) + "' (see kvcache demo --help)";
     }
     if (!value) {
-      if (i + 1 >= argc) return std::string(key) + " needs a value";
+      if (i + 1 >= argc) return std::string(key) + " needs a value (see kvcache demo --help)";
       value = argv[++i];
     }
-    const std::string shown = std::string(key) + " is '" + std::string(*value) + "', expected ";
-    if (key == "--steps" && !parse_int<int64_t>(*value, 1, 2048, o.steps)) {
-      return shown + "an integer in [1, 2048]";
-    }
-    if (key == "--prompt" && !parse_int<int64_t>(*value, 1, 2048, o.prompt)) {
-      return shown + "an integer in [1, 2048]";
-    }
-    if (key == "--draft" && !parse_int<int64_t>(*value, 0, 64, o.draft)) {
-      return shown + "an integer in [0, 64]";
-    }
-    if (key == "--seed" && !parse_int<uint64_t>(*value, 0, UINT64_MAX, o.seed)) {
-      return shown + "an unsigned integer";
-    }
-    if (key == "--dtype") {
-      const Result<DType> d = parse_dtype(*value);
-      if (!d.ok() || (*d != DType::f32 && *d != DType::f16 && *d != DType::bf16)) {
-        return shown + "f32, f16 or bf16";
-      }
-      o.dtype = *d;
+    if (std::optional<std::string> expected = apply(key, *value, o)) {
+      return std::string(key) + " is '" + std::string(*value) + "', expected " + *expected;
     }
   }
+  // Keep back a few pages at admission for running sequences to grow (fewer on a small budget).
+  o.engine.watermark_pages = std::clamp<int64_t>(o.engine.num_pages / 40, 1, 8);
   return std::nullopt;
 }
 
-std::string format(const char* fmt, double value) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), fmt, value);
-  return buf;
-}
-std::string sci(double value) { return format("%.1e", value); }
-
-// Collects check results and prints one line per kind of check.
-class Checks {
+// A one-line bar on stderr, redrawn at most 10 times a second, only when stderr is a terminal
+// (a CI log gets nothing).
+class ProgressBar {
  public:
-  void add(bool ok) { ok ? ++passed_ : ++failed_; }
-  void line(bool ok, const std::string& name, const std::string& text) {
-    std::printf("  %-5s %-10s %s\n", ok ? "ok" : "FAIL", name.c_str(), text.c_str());
+  ProgressBar() : enabled_(isatty(STDERR_FILENO) == 1) {}
+
+  void update(const EngineProgress& p) {
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (drawn_ && now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    drawn_ = true;
+    constexpr int kWidth = 30;
+    const int filled =
+        p.turns_total == 0 ? 0 : static_cast<int>(kWidth * p.turns_done / p.turns_total);
+    std::fprintf(stderr, "\r  [%s%s] %lld/%lld turns, step %lld, %lld running, %lld waiting  ",
+                 std::string(static_cast<size_t>(filled), '#').c_str(),
+                 std::string(static_cast<size_t>(kWidth - filled), '.').c_str(),
+                 static_cast<long long>(p.turns_done), static_cast<long long>(p.turns_total),
+                 static_cast<long long>(p.step), static_cast<long long>(p.running),
+                 static_cast<long long>(p.waiting));
   }
-  [[nodiscard]] int passed() const { return passed_; }
-  [[nodiscard]] int failed() const { return failed_; }
+
+  void clear() {
+    if (drawn_) std::fprintf(stderr, "\r%*s\r", 100, "");
+    drawn_ = false;
+  }
 
  private:
-  int passed_ = 0;
-  int failed_ = 0;
+  bool enabled_;
+  bool drawn_ = false;
+  std::chrono::steady_clock::time_point last_;
 };
 
-// Every layer's offset and state() contents, densely copied: equal means the caches agree.
-Result<std::vector<std::vector<std::byte>>> state_bytes(const Session& s) {
-  std::vector<std::vector<std::byte>> out;
-  for (int64_t l = 0; l < s.num_layers(); ++l) {
-    const int64_t offset = s.cache(l).offset();
-    const auto* p = reinterpret_cast<const std::byte*>(&offset);
-    out.emplace_back(p, p + sizeof(offset));
-    for (const TensorView& v : s.cache(l).state()) {
-      std::vector<std::byte> bytes(v.num_bytes());
-      const TensorView dense = TensorView::contiguous(
-          bytes.data(), v.dtype,
-          std::span<const int64_t>(v.shape.data(), static_cast<size_t>(v.rank)));
-      if (Status st = copy_into(v, dense); !st.ok()) return st;
-      out.push_back(std::move(bytes));
-    }
-  }
-  return out;
+Status write_file(const std::string& path, const std::string& text) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return Status::invalid_argument("cannot open '" + path + "' for writing");
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  if (std::fclose(f) != 0 || !ok) return Status::internal("writing '" + path + "' failed");
+  return Status();
 }
 
-std::string mixer_text(const model::LayerConfig& l) {
-  const model::AttentionConfig& a = l.attention;
-  char buf[96];
-  if (l.kind == LayerKind::recurrent) {
-    const model::RecurrentConfig& r = l.recurrent;
-    std::snprintf(buf, sizeof(buf), "deltanet   conv %lld x %lld, state %lld x %lld x %lld",
-                  static_cast<long long>(model::conv_dim(r)),
-                  static_cast<long long>(r.conv_tail + 1), static_cast<long long>(r.num_v_heads),
-                  static_cast<long long>(r.head_v_dim), static_cast<long long>(r.head_k_dim));
-  } else if (l.kind == LayerKind::sliding_window) {
-    std::snprintf(buf, sizeof(buf), "sliding    window %lld with %lld sinks, %lldq/%lldkv",
-                  static_cast<long long>(a.window), static_cast<long long>(a.keep),
-                  static_cast<long long>(a.num_q_heads), static_cast<long long>(a.num_kv_heads));
-  } else {
-    std::snprintf(buf, sizeof(buf), "attention  %lldq/%lldkv heads x %lld%s, RoPE",
-                  static_cast<long long>(a.num_q_heads), static_cast<long long>(a.num_kv_heads),
-                  static_cast<long long>(a.head_dim), a.qk_norm ? ", QK-norm" : "");
-  }
-  return buf;
-}
-
-void print_layers(const TinyModel& m, const Session& s) {
-  std::printf("layer  %-44s %-10s %6s %5s %6s\n", "mixer", "cache", "offset", "held", "bytes");
-  for (int64_t l = 0; l < s.num_layers(); ++l) {
-    const Cache& c = s.cache(l);
-    size_t bytes = 0;
-    for (const TensorView& v : c.state()) bytes += v.num_bytes();
-    std::string held = "-";  // a recurrent state holds no tokens
-    if (c.kind() == CacheKind::contiguous) held = std::to_string(c.offset());
-    if (c.kind() == CacheKind::rotating) {
-      held = std::to_string(static_cast<const RotatingKVCache&>(c).window_len());
-    }
-    std::printf("%5lld  %-44s %-10s %6lld %5s %6zu\n", static_cast<long long>(l),
-                mixer_text(m.config().layers[static_cast<size_t>(l)]).c_str(), name(c.kind()),
-                static_cast<long long>(c.offset()), held.c_str(), bytes);
-  }
-}
-
-// Last row of forward_full(tokens).
-Result<std::vector<float>> full_last(const TinyModel& m, const std::vector<int32_t>& tokens) {
-  Result<std::vector<float>> all = m.forward_full(tokens);
-  if (!all.ok()) return all;
-  const auto vocab = static_cast<std::ptrdiff_t>(m.config().vocab);
-  return std::vector<float>(all->end() - vocab, all->end());
-}
-
+// 2 when the run could not start as asked (see kUsage), else 1.
 int fail(const Status& s) {
-  std::printf("FAILED: %s\n", s.to_string().c_str());
-  return 1;
+  std::fprintf(stderr, "kvcache demo: %s\n", s.to_string().c_str());
+  const Code c = s.code();
+  return c == Code::invalid_argument || c == Code::unavailable || c == Code::resource_exhausted ? 2
+                                                                                                : 1;
 }
 
-int run(const Options& o) {
-  model::TinyModelConfig config;
-  config.dtype = o.dtype;
-  config.seed = o.seed;
-  auto created = TinyModel::create(config);
-  if (!created.ok()) return fail(created.status());
-  const TinyModel& m = **created;
-  auto made = Session::create(m);
-  auto made_plain = Session::create(m);  // the same tokens, never drafts
-  if (!made.ok()) return fail(made.status());
-  if (!made_plain.ok()) return fail(made_plain.status());
-  Session& session = **made;
-  Session& plain = **made_plain;
-  const int64_t vocab = config.vocab;
+int run(Options& o) {
+  std::fputs(serving::run_header(o.engine).c_str(), stdout);
+  std::fflush(stdout);
+  ProgressBar bar;
+  o.engine.on_progress = [&bar](const EngineProgress& p) { bar.update(p); };
+  Result<serving::EngineReport> report = serving::run_engine(o.engine);
+  bar.clear();
+  if (!report.ok()) return fail(report.status());
+  Result<std::vector<serving::StorageError>> storage =
+      serving::compare_storage(o.engine, kQuantized);
+  if (!storage.ok()) return fail(storage.status());
 
-  std::printf(
-      "kvcache demo: tiny transformer (seed %llu, vocab %lld, d_model %lld, %lld layers), "
-      "%s caches\n",
-      static_cast<unsigned long long>(o.seed), static_cast<long long>(vocab),
-      static_cast<long long>(config.d_model), static_cast<long long>(m.num_layers()),
-      name(o.dtype));
-  std::printf("  %lld-token prompt prefilled in one chunk, %lld greedy decode steps",
-              static_cast<long long>(o.prompt), static_cast<long long>(o.steps));
-  if (o.draft > 0) {
-    std::printf(", %lld-token drafts every %lld", static_cast<long long>(o.draft),
-                static_cast<long long>(kDraftEvery));
+  std::fputs(serving::summary_table(*report, o.engine, *storage).c_str(), stdout);
+  if (!o.json_path.empty()) {
+    const Status s = write_file(o.json_path, serving::summary_json(*report, o.engine, *storage));
+    if (!s.ok()) return fail(s);
   }
-  std::printf("\n\n");
-
-  const float tolerance = model::logit_tolerance(o.dtype);
-  std::mt19937_64 rng(o.seed ^ 0x70726f6d7074ull);
-  std::vector<int32_t> tokens(static_cast<size_t>(o.prompt));
-  for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
-
-  // Prefill: every position's logits against the recompute.
-  auto prefill = session.prefill(tokens);
-  if (!prefill.ok()) return fail(prefill.status());
-  if (auto p = plain.prefill(tokens); !p.ok()) return fail(p.status());
-  auto full = m.forward_full(tokens);
-  if (!full.ok()) return fail(full.status());
-  const float prefill_diff = model::max_abs_diff(*prefill, *full);
-  const bool prefill_ok = prefill_diff <= tolerance;
-  int32_t next = model::argmax(std::span<const float>(*prefill).last(static_cast<size_t>(vocab)));
-
-  // Decode, with drafts rolled back every kDraftEvery steps.
-  float decode_worst = 0.0f;
-  int64_t decode_failed = 0, first_bad_step = -1, wrap_step = -1;
-  int64_t drafts = 0, drafts_ok = 0;
-  size_t checkpoint_bytes = 0;
-  const auto* sliding = [&]() -> const RotatingKVCache* {
-    for (int64_t l = 0; l < session.num_layers(); ++l) {
-      if (session.cache(l).kind() == CacheKind::rotating) {
-        return &static_cast<const RotatingKVCache&>(session.cache(l));
-      }
-    }
-    return nullptr;
-  }();
-  for (int64_t step = 1; step <= o.steps; ++step) {
-    const bool drafting = o.draft > 0 && step % kDraftEvery == 0;
-    if (drafting) {
-      // A deliberately wrong drafter: every token is rejected and rolled back.
-      std::vector<int32_t> draft(static_cast<size_t>(o.draft));
-      for (size_t j = 0; j < draft.size(); ++j) {
-        draft[j] = static_cast<int32_t>((next + 1 + 7 * static_cast<int64_t>(j)) % vocab);
-      }
-      auto bytes = model::speculate(session, draft);
-      if (!bytes.ok()) return fail(bytes.status());
-      checkpoint_bytes = std::max(checkpoint_bytes, *bytes);
-    }
-    auto logits = session.decode(next);
-    if (!logits.ok()) return fail(logits.status());
-    auto plain_logits = plain.decode(next);
-    if (!plain_logits.ok()) return fail(plain_logits.status());
-    tokens.push_back(next);
-    auto reference = full_last(m, tokens);
-    if (!reference.ok()) return fail(reference.status());
-    const float diff = model::max_abs_diff(*logits, *reference);
-    decode_worst = std::max(decode_worst, diff);
-    if (!(diff <= tolerance)) {
-      ++decode_failed;
-      if (first_bad_step < 0) first_bad_step = step;
-    }
-    if (drafting) {
-      ++drafts;
-      if (*logits == *plain_logits) ++drafts_ok;
-    }
-    if (wrap_step < 0 && sliding != nullptr && sliding->has_wrapped()) wrap_step = step;
-    next = model::argmax(*logits);
+  if (!o.plot_path.empty()) {
+    if (Status s = write_file(o.plot_path, serving::timeline_svg(*report)); !s.ok()) return fail(s);
   }
-
-  // Negative control: damage one cached token (its K and V rows, every head), see the check
-  // fail, then undo the damage and roll back. A whole row, not one value: a single value can
-  // hide behind a small attention weight for some seeds.
-  auto cp = session.checkpoint();
-  if (!cp.ok()) return fail(cp.status());
-  // The last full-attention layer: nearest the logits, so the damage shows most.
-  int64_t victim = session.num_layers() - 1;
-  while (session.cache(victim).kind() != CacheKind::contiguous && victim > 0) --victim;
-  const std::vector<TensorView> victim_state = session.cache(victim).state();
-  const int64_t victim_token = std::min<int64_t>(1, victim_state[0].dim(1) - 1);
-  std::vector<std::vector<std::byte>> saved;
-  for (const TensorView& t : {victim_state[0], victim_state[1]}) {
-    saved.push_back(add_to_token(t, victim_token, 2.0f));
-  }
-  auto corrupted = session.decode(next);
-  if (!corrupted.ok()) return fail(corrupted.status());
-  std::vector<int32_t> with_next = tokens;
-  with_next.push_back(next);
-  auto reference = full_last(m, with_next);
-  if (!reference.ok()) return fail(reference.status());
-  const float corrupt_diff = model::max_abs_diff(*corrupted, *reference);
-  const bool caught = corrupt_diff > tolerance;
-  restore_token(victim_state[0], victim_token, saved[0]);
-  restore_token(victim_state[1], victim_token, saved[1]);
-  if (Status s = session.rollback(*cp); !s.ok()) return fail(s);
-  auto session_state = state_bytes(session);
-  auto plain_state = state_bytes(plain);
-  if (!session_state.ok()) return fail(session_state.status());
-  if (!plain_state.ok()) return fail(plain_state.status());
-  const bool identical = *session_state == *plain_state;
-
-  // Informational: what the storage dtype costs against f32 storage.
-  std::string storage_info;
-  if (o.dtype != DType::f32) {
-    model::TinyModelConfig f32_config = config;
-    f32_config.dtype = DType::f32;
-    auto f32_model = TinyModel::create(f32_config);
-    if (!f32_model.ok()) return fail(f32_model.status());
-    auto exact = (*f32_model)->forward_full(tokens);
-    auto stored = m.forward_full(tokens);
-    if (!exact.ok()) return fail(exact.status());
-    if (!stored.ok()) return fail(stored.status());
-    storage_info = std::string(name(o.dtype)) + " vs f32 storage: max |logit diff| " +
-                   sci(model::max_abs_diff(*stored, *exact)) + " over " +
-                   std::to_string(tokens.size()) + " positions";
-  }
-
-  print_layers(m, session);
-  std::printf(
-      "\nchecks: logits against forward_full, a recompute from scratch without cache "
-      "(tolerance %s)\n",
-      sci(tolerance).c_str());
-  Checks checks;
-  checks.add(prefill_ok);
-  checks.line(
-      prefill_ok, "prefill",
-      std::to_string(o.prompt) + " positions in one chunk, max |diff| " + sci(prefill_diff));
-  for (int64_t i = 0; i < o.steps; ++i) checks.add(i >= decode_failed);
-  std::string decode_text = std::to_string(o.steps) + " steps";
-  decode_text += wrap_step > 0 ? ", window wrapped at step " + std::to_string(wrap_step)
-                               : ", window not wrapped";
-  decode_text += ", max |diff| " + sci(decode_worst);
-  if (decode_failed > 0) {
-    decode_text += ", " + std::to_string(decode_failed) + " over (first: step " +
-                   std::to_string(first_bad_step) + ")";
-  }
-  checks.line(decode_failed == 0, "decode", decode_text);
-  if (drafts > 0) {
-    for (int64_t i = 0; i < drafts; ++i) checks.add(i < drafts_ok);
-    checks.line(drafts_ok == drafts, "speculate",
-                std::to_string(drafts) + " drafts rolled back via snapshots (" +
-                    std::to_string(checkpoint_bytes) + " B), next logits as undrafted: " +
-                    std::to_string(drafts_ok) + "/" + std::to_string(drafts));
-  }
-  checks.add(caught);
-  checks.line(caught, "corrupt",
-              "cached token " + std::to_string(victim_token) + " of layer " +
-                  std::to_string(victim) + " (K and V) changed by 2: " +
-                  (caught ? "caught" : "NOT caught") + ", max |diff| " + sci(corrupt_diff));
-  checks.add(identical);
-  checks.line(
-      identical, "rollback",
-      identical ? "after the rollbacks, every layer byte-identical to a session that never drafted"
-                : "states differ from the undrafted run");
-  if (!storage_info.empty())
-    std::printf("  %-5s %-10s %s\n", "info", "storage", storage_info.c_str());
-
-  std::string generated;
-  const size_t shown = std::min<size_t>(16, static_cast<size_t>(o.steps));
-  for (size_t i = 0; i < shown; ++i) {
-    generated += " " + std::to_string(tokens[static_cast<size_t>(o.prompt) + i]);
-  }
-  std::printf("\ngenerated:%s%s\n", generated.c_str(),
-              shown < static_cast<size_t>(o.steps) ? " ..." : "");
-  if (checks.failed() > 0) {
-    std::printf("FAILED: %d of %d checks failed\n", checks.failed(),
-                checks.failed() + checks.passed());
+  const int64_t checks = serving::total_checks(*report, *storage);
+  if (!serving::passed(*report, *storage)) {
+    std::printf("\nFAILED: %lld of %lld checks over the tolerance%s\n",
+                static_cast<long long>(serving::total_mismatches(*report, *storage)),
+                static_cast<long long>(checks), report->leaked_pages > 0 ? ", pages leaked" : "");
     return 1;
   }
-  std::printf("OK: %d checks passed\n", checks.passed());
+  std::printf("\nOK: %lld checks passed\n", static_cast<long long>(checks));
   return 0;
 }
 

@@ -13,8 +13,9 @@ constexpr const char* kUsage =
     "usage: kvcache <command> [options]\n"
     "\n"
     "commands:\n"
-    "  demo    decode with a small deterministic transformer over the per-sequence caches and\n"
-    "          check every step against a recompute without cache (the main job)\n"
+    "  demo    serve many multi-turn conversations through the paged manager (prefix caching,\n"
+    "          eviction, preemption, copy-on-write) with a small deterministic transformer, and\n"
+    "          check the decode steps against a recompute without cache (the main job)\n"
     "  bench   time the library (suites: ops, manager); prints a table, writes JSON\n"
     "\n"
     "Run 'kvcache <command> --help' for a command's options.\n";
