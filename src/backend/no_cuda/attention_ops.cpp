@@ -13,7 +13,7 @@ Status not_built(const char* what) {
 }
 }  // namespace
 
-size_t cuda_attention_workspace_bytes(bool, int64_t, int64_t, int64_t, int64_t, int64_t) {
+size_t cuda_attention_workspace_bytes(bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
   return 0;
 }
 Status cuda_attention(const CudaAttentionParams& p, const Stream&) {
