@@ -13,18 +13,12 @@
 #include <vector>
 
 #include "kvcache/attention.h"
-#include "kvcache/buffer.h"
 
-#include "backend/cuda_bench.h"
+#include "bench/cuda_arena.h"
 #include "bench/cuda_cases.h"
 
 namespace kvcache::bench {
 namespace {
-
-constexpr int64_t kQHeads = 32;
-constexpr int64_t kKVHeads = 8;
-constexpr int64_t kHeadDim = 128;
-constexpr int64_t kPageSize = 16;
 
 struct AttentionShape {
   std::string label;          // the shape column
@@ -34,45 +28,6 @@ struct AttentionShape {
   PageLayout layout = PageLayout::nhd;
   int32_t queries = 0;  // extend: new tokens per sequence; 0: decode
 };
-
-// What one case owns on the GPU.
-struct Owned {
-  std::vector<Buffer> buffers;
-};
-
-Result<void*> device_buffer(Owned& owned, Device device, size_t bytes) {
-  Result<Buffer> b = Buffer::allocate(device, std::max<size_t>(bytes, 16));
-  if (!b.ok()) return b.status();
-  owned.buffers.push_back(std::move(*b));
-  return owned.buffers.back().data();
-}
-
-template <class T>
-Result<std::span<const T>> upload(Owned& owned, Device device, const std::vector<T>& host) {
-  Result<void*> d = device_buffer(owned, device, host.size() * sizeof(T));
-  if (!d.ok()) return d.status();
-  if (Status s = copy_bytes(*d, device, host.data(), Device::cpu(), host.size() * sizeof(T));
-      !s.ok()) {
-    return s;
-  }
-  return std::span<const T>(static_cast<const T*>(*d), host.size());
-}
-
-// Random device data of dtype (scales: small positive floats).
-Result<TensorView> random_view(Owned& owned, const Stream& stream, DType dtype,
-                               const std::vector<int64_t>& shape, uint32_t seed, float lo = -1.0f,
-                               float hi = 1.0f) {
-  TensorView t = TensorView::contiguous(nullptr, dtype, shape, stream.device);
-  Result<void*> d = device_buffer(owned, stream.device, t.num_bytes());
-  if (!d.ok()) return d.status();
-  t.data = *d;
-  if (Status s = backend::cuda_fill_random(stream, t.data, dtype, static_cast<size_t>(t.numel()),
-                                           seed, lo, hi);
-      !s.ok()) {
-    return s;
-  }
-  return t;
-}
 
 template <class Plan>
 Result<CudaCase> attention_case(const CudaCaseOptions& o, const AttentionShape& shape) {
@@ -91,7 +46,7 @@ Result<CudaCase> attention_case(const CudaCaseOptions& o, const AttentionShape& 
   desc.max_batch = batch;
   desc.max_seq_len = longest;
   desc.max_q_tokens = extend ? rows : 0;
-  auto owned = std::make_shared<Owned>();
+  auto arena = std::make_shared<DeviceArena>(stream);
   AttentionArgs args;
   std::vector<int32_t> q_indptr;
   if (shape.paged) {
@@ -110,50 +65,48 @@ Result<CudaCase> attention_case(const CudaCaseOptions& o, const AttentionShape& 
                  : std::vector<int64_t>{num_pages, kKVHeads, kPageSize, dim};
     };
     for (int side = 0; side < 2; ++side) {
-      Result<TensorView> data =
-          random_view(*owned, stream, shape.kv, pool_shape(kHeadDim), 11u + side);
+      Result<TensorView> data = arena->random(shape.kv, pool_shape(kHeadDim));
       if (!data.ok()) return data.status();
       (side == 0 ? args.paged.k_pages : args.paged.v_pages) = *data;
       if (!quantized) continue;
       Result<TensorView> scales =
-          random_view(*owned, stream, DType::f32,
-                      nhd ? std::vector<int64_t>{num_pages, kPageSize, kKVHeads}
-                          : std::vector<int64_t>{num_pages, kKVHeads, kPageSize},
-                      21u + side, 0.002f, 0.01f);
+          arena->random(DType::f32,
+                        nhd ? std::vector<int64_t>{num_pages, kPageSize, kKVHeads}
+                            : std::vector<int64_t>{num_pages, kKVHeads, kPageSize},
+                        0.002f, 0.01f);
       if (!scales.ok()) return scales.status();
       (side == 0 ? args.paged.k_scales : args.paged.v_scales) = *scales;
     }
-    Result<std::span<const int32_t>> d_indptr = upload(*owned, gpu, indptr);
-    Result<std::span<const int32_t>> d_indices = upload(*owned, gpu, indices);
+    Result<std::span<const int32_t>> d_indptr = arena->copy(indptr);
+    Result<std::span<const int32_t>> d_indices = arena->copy(indices);
     if (!d_indptr.ok()) return d_indptr.status();
     if (!d_indices.ok()) return d_indices.status();
     args.page_table = PageTable{*d_indptr, *d_indices};
   } else {
     for (int side = 0; side < 2; ++side) {
-      Result<TensorView> data =
-          random_view(*owned, stream, shape.kv, {batch, kKVHeads, longest, kHeadDim}, 11u + side);
+      Result<TensorView> data = arena->random(shape.kv, {batch, kKVHeads, longest, kHeadDim});
       if (!data.ok()) return data.status();
       (side == 0 ? args.contiguous.k : args.contiguous.v) = *data;
       if (!quantized) continue;
-      Result<TensorView> scales = random_view(
-          *owned, stream, DType::f32, {batch, kKVHeads, longest}, 21u + side, 0.002f, 0.01f);
+      Result<TensorView> scales =
+          arena->random(DType::f32, {batch, kKVHeads, longest}, 0.002f, 0.01f);
       if (!scales.ok()) return scales.status();
       (side == 0 ? args.contiguous.k_scales : args.contiguous.v_scales) = *scales;
     }
   }
-  Result<TensorView> q = random_view(*owned, stream, DType::bf16, {rows, kQHeads, kHeadDim}, 31u);
-  Result<TensorView> out = random_view(*owned, stream, DType::bf16, {rows, kQHeads, kHeadDim}, 41u);
+  Result<TensorView> q = arena->random(DType::bf16, {rows, kQHeads, kHeadDim});
+  Result<TensorView> out = arena->random(DType::bf16, {rows, kQHeads, kHeadDim});
   if (!q.ok()) return q.status();
   if (!out.ok()) return out.status();
   args.q = *q;
   args.o = *out;
-  Result<std::span<const int32_t>> lens = upload(*owned, gpu, shape.lens);
+  Result<std::span<const int32_t>> lens = arena->copy(shape.lens);
   if (!lens.ok()) return lens.status();
   args.seq_lens = *lens;
   if (extend) {
     q_indptr.push_back(0);
     for (int64_t b = 0; b < batch; ++b) q_indptr.push_back(q_indptr.back() + shape.queries);
-    Result<std::span<const int32_t>> d_q_indptr = upload(*owned, gpu, q_indptr);
+    Result<std::span<const int32_t>> d_q_indptr = arena->copy(q_indptr);
     if (!d_q_indptr.ok()) return d_q_indptr.status();
     args.q_indptr = *d_q_indptr;
   }
@@ -163,10 +116,11 @@ Result<CudaCase> attention_case(const CudaCaseOptions& o, const AttentionShape& 
   Result<AttentionSchedule> schedule = plan->schedule(shape.lens, q_indptr);
   if (!schedule.ok()) return schedule.status();
   args.schedule = *schedule;
-  Result<void*> ws = device_buffer(*owned, gpu, plan->workspace_size());
+  Result<void*> ws = arena->allocate(plan->workspace_size());
   if (!ws.ok()) return ws.status();
   const std::span<std::byte> workspace(static_cast<std::byte*>(*ws), plan->workspace_size());
   if (Status s = plan->can_implement(args); !s.ok()) return s;
+  if (Status s = arena->ready(); !s.ok()) return s;
 
   const double elem = static_cast<double>(size_of(shape.kv));
   const double kv_bytes =
@@ -182,7 +136,7 @@ Result<CudaCase> attention_case(const CudaCaseOptions& o, const AttentionShape& 
   c.copy_bound = false;
   const Plan p = *plan;
   c.call = [p, stream, workspace, args] { return p.run(stream, workspace, args); };
-  c.keep = owned;
+  c.keep = arena;
   return c;
 }
 

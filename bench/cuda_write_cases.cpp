@@ -14,88 +14,34 @@
 #include <string>
 #include <vector>
 
-#include "kvcache/buffer.h"
 #include "kvcache/copy_pages.h"
 #include "kvcache/kv_append.h"
 #include "kvcache/paged_append.h"
 #include "kvcache/qkv_rope_write.h"
 
-#include "backend/cuda_bench.h"
+#include "bench/cuda_arena.h"
 #include "bench/cuda_cases.h"
 
 namespace kvcache::bench {
 namespace {
 
-constexpr int64_t kQHeads = 32;
-constexpr int64_t kKVHeads = 8;
-constexpr int64_t kHeadDim = 128;
-constexpr int64_t kPageSize = 16;
-
-// The device memory of one case, and how to fill it.
-class DeviceArena {
- public:
-  explicit DeviceArena(Stream stream) : stream_(stream) {}
-
-  // A contiguous array of random valid values (scales: small positive floats).
-  Result<TensorView> random(DType dtype, std::initializer_list<int64_t> shape, float lo = -1.0f,
-                            float hi = 1.0f) {
-    TensorView t = TensorView::contiguous(nullptr, dtype, shape, stream_.device);
-    Result<void*> d = allocate(t.num_bytes());
-    if (!d.ok()) return d.status();
-    t.data = *d;
-    if (Status s = backend::cuda_fill_random(stream_, t.data, dtype, static_cast<size_t>(t.numel()),
-                                             ++seed_, lo, hi);
-        !s.ok()) {
-      return s;
-    }
-    return t;
+// The pools of a paged cache (NHD) with random contents, scales for quantized storage.
+Result<PagedKV> random_pools(DeviceArena& arena, DType storage, int64_t num_pages) {
+  PagedKV kv;
+  for (TensorView* t : {&kv.k_pages, &kv.v_pages}) {
+    Result<TensorView> r = arena.random(storage, {num_pages, kPageSize, kKVHeads, kHeadDim});
+    if (!r.ok()) return r.status();
+    *t = *r;
   }
-  // The pools of a paged cache (NHD), scales for quantized storage.
-  Result<PagedKV> pools(DType storage, int64_t num_pages) {
-    PagedKV kv;
-    for (TensorView* t : {&kv.k_pages, &kv.v_pages}) {
-      Result<TensorView> r = random(storage, {num_pages, kPageSize, kKVHeads, kHeadDim});
-      if (!r.ok()) return r.status();
-      *t = *r;
-    }
-    if (!is_quantized(storage)) return kv;
-    for (TensorView* t : {&kv.k_scales, &kv.v_scales}) {
-      Result<TensorView> r = random(DType::f32, {num_pages, kPageSize, kKVHeads}, 0.002f, 0.01f);
-      if (!r.ok()) return r.status();
-      *t = *r;
-    }
-    return kv;
+  if (!is_quantized(storage)) return kv;
+  for (TensorView* t : {&kv.k_scales, &kv.v_scales}) {
+    Result<TensorView> r =
+        arena.random(DType::f32, {num_pages, kPageSize, kKVHeads}, 0.002f, 0.01f);
+    if (!r.ok()) return r.status();
+    *t = *r;
   }
-  template <class T>
-  Result<std::span<const T>> copy(const std::vector<T>& host) {
-    Result<void*> d = allocate(host.size() * sizeof(T));
-    if (!d.ok()) return d.status();
-    if (Status s =
-            copy_bytes(*d, stream_.device, host.data(), Device::cpu(), host.size() * sizeof(T));
-        !s.ok()) {
-      return s;
-    }
-    return std::span<const T>(static_cast<const T*>(*d), host.size());
-  }
-  // Waits for the fills (issued on the bench's stream) and the copies (on the default stream,
-  // which the bench's stream does not wait for).
-  Status ready() {
-    if (Status s = backend::cuda_synchronize(stream_); !s.ok()) return s;
-    return backend::cuda_synchronize(Stream{stream_.device, nullptr, nullptr});
-  }
-
- private:
-  Result<void*> allocate(size_t bytes) {
-    Result<Buffer> b = Buffer::allocate(stream_.device, std::max<size_t>(bytes, 16));
-    if (!b.ok()) return b.status();
-    buffers_.push_back(std::move(*b));
-    return buffers_.back().data();
-  }
-
-  Stream stream_;
-  uint32_t seed_ = 17;
-  std::vector<Buffer> buffers_;
-};
+  return kv;
+}
 
 // Where `tokens` new tokens go: one per sequence (decode: `seqs` sequences of pages_each shuffled
 // pages, each at a random position), or a chunk of consecutive positions of one sequence.
@@ -175,7 +121,7 @@ std::string tokens_label(int64_t seqs, int64_t tokens) {
 // The pools and the token slots of a paged write.
 Status paged_outputs(DeviceArena& arena, DType storage, const Placement& place, bool tabled,
                      PagedKV* kv, TokenSlots* slots) {
-  Result<PagedKV> pools = arena.pools(storage, place.num_pages);
+  Result<PagedKV> pools = random_pools(arena, storage, place.num_pages);
   if (!pools.ok()) return pools.status();
   *kv = *pools;
   Result<TokenSlots> s = device_slots(arena, place, tabled);
@@ -314,7 +260,7 @@ Result<CudaCase> copy_pages_case(const CudaCaseOptions& o, int64_t copies, DType
   const std::vector<int32_t> src(place.indices.begin(), place.indices.begin() + copies);
   const std::vector<int32_t> dst(place.indices.begin() + copies, place.indices.end());
   CopyPagesArgs args;
-  Result<PagedKV> pools = arena->pools(storage, 2 * copies);
+  Result<PagedKV> pools = random_pools(*arena, storage, 2 * copies);
   Result<std::span<const int32_t>> d_src = arena->copy(src);
   Result<std::span<const int32_t>> d_dst = arena->copy(dst);
   if (!pools.ok()) return pools.status();
