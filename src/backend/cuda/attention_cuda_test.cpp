@@ -32,6 +32,18 @@ using testing::reference_of;
 using testing::seed_trace;
 using testing::test_seed;
 
+// Llama-like paged problems: hq query heads over hkv kv heads of head_dim dim, pages of page_size.
+Config paged_config(int64_t hq, int64_t hkv, int64_t dim, int64_t page_size,
+                    std::vector<int32_t> seq_lens) {
+  Config c;
+  c.hq = hq;
+  c.hkv = hkv;
+  c.dim = dim;
+  c.seq_lens = std::move(seq_lens);
+  c.page_size = page_size;
+  return c;
+}
+
 class CudaAttention : public testing::GpuTest {
  protected:
   // The problem's arguments with every array copied to the GPU (o and lse poisoned).
@@ -257,12 +269,7 @@ TEST_F(CudaAttention, ExtendPacksQueryTokensWithHostSchedule) {
 TEST_F(CudaAttention, LongContextWithHostSchedule) {
   const uint32_t seed = test_seed();
   std::mt19937 rng(seed);
-  Config c;
-  c.hq = 32;
-  c.hkv = 8;
-  c.dim = 128;
-  c.seq_lens = {5000};
-  c.page_size = 16;
+  const Config c = paged_config(32, 8, 128, 16, {5000});
   Problem p(c, rng);
   const DecodeAttentionPlan plan = DecodeAttentionPlan::select(p.desc(), gpu()).value();
   const AttentionSchedule sched = plan.schedule(c.seq_lens).value();
@@ -296,12 +303,7 @@ TEST_F(CudaAttention, ScheduleSplitsRaggedBatchesEvenly) {
 // Entries the host cannot check are counted by the kernel and reported once by check.
 TEST_F(CudaAttention, BadDeviceEntriesAreSkippedAndReported) {
   std::mt19937 rng(test_seed());
-  Config c;
-  c.hq = 4;
-  c.hkv = 2;
-  c.dim = 32;
-  c.seq_lens = {20, 40};
-  c.page_size = 8;
+  const Config c = paged_config(4, 2, 32, 8, {20, 40});
   Problem p(c, rng);
   const DecodeAttentionPlan plan = DecodeAttentionPlan::select(p.desc(), gpu()).value();
   const std::span<std::byte> ws = workspace(plan);
@@ -342,13 +344,8 @@ TEST_F(CudaAttention, BadDeviceEntriesAreSkippedAndReported) {
 
 TEST_F(CudaAttention, ExtendBadQIndptrIsReported) {
   std::mt19937 rng(test_seed());
-  Config c;
-  c.hq = 4;
-  c.hkv = 2;
-  c.dim = 32;
-  c.seq_lens = {20, 40};
+  Config c = paged_config(4, 2, 32, 8, {20, 40});
   c.q_counts = {3, 5};
-  c.page_size = 8;
   Problem p(c, rng);
   const ExtendAttentionPlan plan = ExtendAttentionPlan::select(p.desc(), gpu()).value();
   const std::span<std::byte> ws = workspace(plan);
@@ -363,12 +360,7 @@ TEST_F(CudaAttention, ExtendBadQIndptrIsReported) {
 TEST_F(CudaAttention, GraphReplayMatchesDirectRun) {
   const uint32_t seed = test_seed();
   std::mt19937 rng(seed);
-  Config c;
-  c.hq = 32;
-  c.hkv = 8;
-  c.dim = 128;
-  c.seq_lens = {700, 31, 1500};
-  c.page_size = 16;
+  const Config c = paged_config(32, 8, 128, 16, {700, 31, 1500});
   Problem p(c, rng);
   const std::vector<double> direct = run_any(p);
   const DecodeAttentionPlan plan = DecodeAttentionPlan::select(p.desc(), gpu()).value();
@@ -382,12 +374,7 @@ TEST_F(CudaAttention, GraphReplayMatchesDirectRun) {
 
 TEST_F(CudaAttention, Refusals) {
   std::mt19937 rng(test_seed());
-  Config c;
-  c.hq = 4;
-  c.hkv = 2;
-  c.dim = 32;
-  c.seq_lens = {20};
-  c.page_size = 8;
+  const Config c = paged_config(4, 2, 32, 8, {20});
   Problem p(c, rng);
   AttentionDesc bad = p.desc();
   bad.kv.v_dtype = DType::f16;
