@@ -131,7 +131,7 @@ class KVCACHE_API DecodeAttentionPlan {
   // index past the pool. CUDA: the index arrays are device memory, so only their sizes are
   // checked here; the kernel skips bad entries (their rows, or keys for a bad page index) and
   // counts them for check_device_errors(). CUDA also needs 16-byte aligned K/V rows (8-byte for
-  // int8 / fp8).
+  // int8 / fp8), and on the tensor-core kernel (sku cuda.sm90.mma) 16-byte aligned q rows.
   [[nodiscard]] Status can_implement(const AttentionArgs& args) const;
   // CPU: per-chunk partial results; CUDA: counters + partial results of workspace_items items,
   // device memory. Zero-initialization is not needed.

@@ -49,7 +49,9 @@ int64_t visible_keys(const AttentionDesc& d, int64_t pos) {
   return std::min(d.sink_tokens, win_lo) + (pos + 1 - win_lo);
 }
 
-Status check_aligned_rows(const TensorView& t, DType dtype, bool strided, std::string_view op,
+// Rows of t (its last axis) start on 16-byte boundaries (8 for 8-bit K/V): the address and the
+// strides of its first outer_axes axes.
+Status check_aligned_rows(const TensorView& t, DType dtype, int outer_axes, std::string_view op,
                           const char* what) {
   const int64_t align = dtype == DType::int8 || dtype == DType::fp8_e4m3 ? 8 : 16;
   const auto elem = static_cast<int64_t>(size_of(dtype));
@@ -58,14 +60,12 @@ Status check_aligned_rows(const TensorView& t, DType dtype, bool strided, std::s
                                     " starts at an address that is not " + str(align) +
                                     "-byte aligned, expected aligned rows on CUDA");
   }
-  if (strided) {
-    for (int a = 0; a < 3; ++a) {
-      if (t.strides[a] * elem % align != 0) {
-        return Status::invalid_argument(std::string(op) + ": " + what + " has stride " +
-                                        str(t.strides[a]) + " on axis " + str(a) +
-                                        ", expected a multiple of " + str(align / elem) +
-                                        " elements (aligned rows on CUDA)");
-      }
+  for (int a = 0; a < outer_axes; ++a) {
+    if (t.strides[a] * elem % align != 0) {
+      return Status::invalid_argument(std::string(op) + ": " + what + " has stride " +
+                                      str(t.strides[a]) + " on axis " + str(a) +
+                                      ", expected a multiple of " + str(align / elem) +
+                                      " elements (aligned rows on CUDA)");
     }
   }
   return Status();
@@ -186,8 +186,12 @@ Status check_cuda_attention_args(const detail::AttentionPlanState& plan,
   const bool paged = d.pages.has_value();
   const TensorView& k = paged ? args.paged.k_pages : args.contiguous.k;
   const TensorView& v = paged ? args.paged.v_pages : args.contiguous.v;
-  if (Status s = check_aligned_rows(k, d.kv.k_dtype, !paged, op, "k"); !s.ok()) return s;
-  if (Status s = check_aligned_rows(v, d.kv.v_dtype, !paged, op, "v"); !s.ok()) return s;
+  const int kv_axes = paged ? 0 : 3;
+  if (Status s = check_aligned_rows(k, d.kv.k_dtype, kv_axes, op, "k"); !s.ok()) return s;
+  if (Status s = check_aligned_rows(v, d.kv.v_dtype, kv_axes, op, "v"); !s.ok()) return s;
+  if (plan.mma) {  // the tensor-core kernel reads q rows with 16-byte loads
+    if (Status s = check_aligned_rows(args.q, d.q_dtype, 2, op, "q"); !s.ok()) return s;
+  }
   const AttentionSchedule sched = args.schedule.value_or(plan.default_schedule);
   if (sched.chunk_size < 1 || sched.max_chunks < 1 ||
       sched.max_chunks > backend::kCudaAttentionMaxChunks) {

@@ -406,6 +406,18 @@ TEST_F(CudaAttention, Refusals) {
   EXPECT_TRUE(
       has_error(plan.run(stream(), ws, too_big), Code::invalid_argument, "max_chunks in [1, 64]"));
   EXPECT_EQ(download(d.o), before);
+
+  // The tensor-core kernel reads q rows with 16-byte loads: q rows must be 16-byte aligned.
+  Problem pm(paged_config(4, 2, 128, 16, {20}), rng);
+  const DecodeAttentionPlan mma = DecodeAttentionPlan::select(pm.desc(), gpu()).value();
+  ASSERT_STREQ(mma.sku(), "cuda.sm90.mma");
+  AttentionArgs dm = upload_args(pm);
+  const std::vector<uint8_t> before_m = download(dm.o);
+  AttentionArgs odd_q = dm;  // one row: a longer row stride moves no element
+  odd_q.q.strides[0] += 2;
+  EXPECT_TRUE(has_error(mma.run(stream(), workspace(mma), odd_q), Code::invalid_argument,
+                        "q has stride 514 on axis 0, expected a multiple of 4 elements"));
+  EXPECT_EQ(download(dm.o), before_m);
 }
 
 }  // namespace

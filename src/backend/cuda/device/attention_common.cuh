@@ -49,6 +49,32 @@ __device__ inline float load_io(const uint8_t* base, int64_t index, IoType t) {
   }
 }
 
+// Eight consecutive elements from element index i, as floats: one or two 16-byte loads (the plan
+// checked that q rows of the tensor-core kernel are 16-byte aligned).
+__device__ inline void load_io8(const uint8_t* base, int64_t i, IoType t, float (&x)[8]) {
+  if (t == IoType::f32) {
+    const auto* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(base) + i);
+    const float4 a = src[0];
+    const float4 b = src[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w;
+    x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+    return;
+  }
+  const uint4 u = *reinterpret_cast<const uint4*>(base + i * 2);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t lo = w[k] & 0xffffu;
+    const uint32_t hi = w[k] >> 16;
+    // Plain conversions (no NaN payload care): the values are rounded to the MMA type next.
+    x[2 * k] = t == IoType::bf16 ? __uint_as_float(lo << 16)
+                                 : __half2float(__ushort_as_half(static_cast<unsigned short>(lo)));
+    x[2 * k + 1] = t == IoType::bf16
+                       ? __uint_as_float(hi << 16)
+                       : __half2float(__ushort_as_half(static_cast<unsigned short>(hi)));
+  }
+}
+
 __device__ inline void store_io(uint8_t* base, int64_t index, IoType t, float x) {
   switch (t) {
     case IoType::f32:
@@ -287,19 +313,22 @@ __device__ void merge_weights(const float* m, const float* l, float* w, int head
 }
 
 // The epilogue (header paragraph). REQUIRES: every slot's partial is in s_acc ([slot][kRows]
-// [head_dim]), e.m and e.l, and a __syncthreads() since they were written. merge_scratch:
-// kMergeScratchFloats<kRows> floats of shared memory that nothing else uses now.
+// rows of acc_stride floats, head_dim used), e.m and e.l, and a __syncthreads() since they were
+// written. merge_scratch: kMergeScratchFloats<kRows> floats of shared memory that nothing else
+// uses now.
 template <int kRows, int kMaxSlots>
 __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int num_chunks,
-                            int num_slots, const float* s_acc, EpilogueSmem<kRows, kMaxSlots>& e,
-                            float* merge_scratch) {
+                            int num_slots, const float* s_acc, int acc_stride,
+                            EpilogueSmem<kRows, kMaxSlots>& e, float* merge_scratch) {
   const int D = p.head_dim;
   const int heads = it.rows;  // kernel rows that carry a (token, head)
   merge_weights<kRows>(e.m, e.l, e.w, heads, num_slots, e.final_m, e.final_l);
   __syncthreads();
   const auto combined = [&](int g, int d) {
     float o = 0.0f;
-    for (int t = 0; t < num_slots; ++t) o += s_acc[(t * kRows + g) * D + d] * e.w[t * kRows + g];
+    for (int t = 0; t < num_slots; ++t) {
+      o += s_acc[(t * kRows + g) * acc_stride + d] * e.w[t * kRows + g];
+    }
     return o;
   };
   if (num_chunks == 1) {

@@ -133,8 +133,14 @@ struct MmaShape {
   // docs/PERFORMANCE.md).
   static constexpr int kStages = 3;
   static constexpr int kPipelineBytes = kAttnWarps * kStages * kStageBytes;
+  // Q staged as the MMA type (16 rows, padded like the tiles) in a warp's last stage.
+  static constexpr int kQRowStride = kHeadDim * 2 + 16;
+  static_assert(kTileKeys * kQRowStride <= kStageBytes, "Q fits one stage");
+  // The epilogue's accumulator rows, padded by 8 floats: a warp's float2 stores of one C
+  // fragment land in distinct banks.
+  static constexpr int kAccStride = kHeadDim + 8;
   static constexpr int kEpilogueBytes =
-      (kAttnWarps * kTileKeys * kHeadDim + kMergeScratchFloats<kTileKeys>)*4;
+      (kAttnWarps * kTileKeys * kAccStride + kMergeScratchFloats<kTileKeys>)*4;
   static constexpr int kSmemBytes =
       kPipelineBytes > kEpilogueBytes ? kPipelineBytes : kEpilogueBytes;
   static constexpr int kKSteps = kHeadDim / 16;
@@ -154,12 +160,14 @@ __device__ inline float fast_exp2(float x) {
 inline constexpr float kNoMax = -1e30f;
 
 // Where row (lane & 15) of one tile comes from, as locate() found it a tile ahead: the page index
-// is loaded there and only read in issue(), so its latency hides behind a tile of work.
+// is loaded there and first read in issue(), so its latency hides behind a tile of work. It stays
+// the loaded 32-bit value until then: widening it in locate() made the warp wait for the load
+// right there (42% of the stall samples at b64 x 4096, ncu).
 struct TileRow {
   bool live = false;      // a tile of this warp (else nothing is copied)
   bool in_range = false;  // a visible key (else masked)
-  int64_t page = 0;       // paged: the loaded page index (checked in issue()); else the sequence
-  int64_t in_page = 0;    // slot in the page (contiguous: the position)
+  int page = 0;           // paged: the loaded page index (checked in issue()); else the sequence
+  int in_page = 0;        // slot in the page (contiguous: the position)
   int local = 0;          // paged: the page's entry in the sequence's page list
 };
 
@@ -218,11 +226,9 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
   const uint32_t ring_addr = smem_addr(ring);
 
   // Copies the tile's rows into stage st (one commit group; masked rows become zeros, bias -inf).
+  // Every lane runs the shuffles: a branch around them (on t.live, which is the same for the whole
+  // warp but not provably so) made the compiler add a divergent copy of this code.
   const auto issue = [&](const TileRow& t, int st) {
-    if (!t.live) {
-      cp_async_commit();  // an empty group keeps the wait counts uniform
-      return;
-    }
     bool ok = t.in_range;
     if (ok && p.paged && (t.page < 0 || t.page >= p.num_pages)) {
       if (report_pages) {
@@ -232,10 +238,12 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       ok = false;
     }
     constexpr int64_t kElem = static_cast<int64_t>(sizeof(KV));
+    const int64_t page = t.page;
+    const int64_t in_page = t.in_page;
     const int64_t k_row =
-        ok ? (t.page * p.k.page_stride + t.in_page * p.k.slot_stride + k_head) * kElem : -1;
+        ok ? (page * p.k.page_stride + in_page * p.k.slot_stride + k_head) * kElem : -1;
     const int64_t v_row =
-        ok ? (t.page * p.v.page_stride + t.in_page * p.v.slot_stride + v_head) * kElem : -1;
+        ok ? (page * p.v.page_stride + in_page * p.v.slot_stride + v_head) * kElem : -1;
     const uint32_t k_tile = ring_addr + st * S::kStageBytes;
     const uint32_t v_tile = k_tile + S::kTileBytes;
     // Lanes cover consecutive 16-byte chunks of a row (whole rows per instruction); each row's
@@ -247,15 +255,20 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       const int r2 = c * kRowsPerCopy + lane / S::kChunks;
       const int64_t k_off = __shfl_sync(0xffffffffu, k_row, r2);
       const int64_t v_off = __shfl_sync(0xffffffffu, v_row, r2);
+      if (!t.live) continue;  // no tile: an empty commit group keeps the wait counts uniform
       const bool row_ok = k_off >= 0;
       const uint32_t dst = r2 * S::kRowStride + chunk * 16;
       cp_async16(k_tile + dst, p.k.base + (row_ok ? k_off + chunk * 16 : 0), row_ok ? 16 : 0);
       cp_async16(v_tile + dst, p.v.base + (row_ok ? v_off + chunk * 16 : 0), row_ok ? 16 : 0);
     }
+    if (!t.live) {
+      cp_async_commit();
+      return;
+    }
     if constexpr (S::kEightBit) {
       // Lanes 0-15: K scales of rows 0-15; lanes 16-31: V scales.
       const AttnSide& side = copy_half == 0 ? p.k : p.v;
-      const int64_t at = t.page * side.scale_page_stride + t.in_page * side.scale_slot_stride +
+      const int64_t at = page * side.scale_page_stride + in_page * side.scale_slot_stride +
                          it.kv_head * side.scale_head_stride;
       cp_async4(v_tile + S::kTileBytes + lane * 4, side.scales + (ok ? at : 0), ok ? 4 : 0);
     }
@@ -267,34 +280,57 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     cp_async_commit();
   };
 
-  // Prologue: the first kStages - 1 tiles in flight, the next tile's rows located.
-  TileRow next = locate(0);
+  // Prologue: the first kStages - 1 tiles in flight (their page indices loaded together), the
+  // next tile's rows located.
+  {
+    TileRow first[S::kStages - 1];
 #pragma unroll
-  for (int st = 0; st < S::kStages - 1; ++st) {
-    issue(next, st);
-    next = locate(st + 1);
+    for (int st = 0; st < S::kStages - 1; ++st) first[st] = locate(st);
+#pragma unroll
+    for (int st = 0; st < S::kStages - 1; ++st) issue(first[st], st);
   }
+  TileRow next = locate(S::kStages - 1);
 
-  // Q as A fragments, per k-step: {(grp, k 2q..), (grp + 8, k 2q..), (grp, k 2q+8..), (grp + 8,
-  // k 2q+8..)}; the dims of k follow the B fragments' order (header paragraph).
+  // Q (scaled, as the MMA type) staged in the warp's last stage, which the loop's first issue()
+  // overwrites, then read as A fragments: per k-step {(grp, k 2q..), (grp + 8, k 2q..), (grp,
+  // k 2q+8..), (grp + 8, k 2q+8..)}. 8-bit: a k-step's k order follows the B fragments' dims
+  // (header paragraph), so dim pair d of a 16-dim block is stored at pair slot d / 2 + 4 (d % 2).
   uint32_t qa[S::kKSteps][4];
+  {
+    uint8_t* q_stage = ring + (S::kStages - 1) * S::kStageBytes;
+    constexpr int kPieces = kHeadDim / 8;  // 8-element pieces of a row
+    constexpr int kPerLane = kTileKeys * kPieces / 32;
+    float x[kPerLane][8];
 #pragma unroll
-  for (int s = 0; s < S::kKSteps; ++s) {
+    for (int k = 0; k < kPerLane; ++k) {
+      const int rr = (lane + 32 * k) / kPieces;  // kernel row: token rr / heads, head rr % heads
+      const int piece = (lane + 32 * k) % kPieces;
+      if (rr < it.rows) {
+        load_io8(p.q,
+                 (it.q_row0 + rr / it.heads) * p.q_row_stride +
+                     (it.head0 + rr % it.heads) * p.q_head_stride + piece * 8,
+                 p.q_type, x[k]);
+      } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int rr = grp + (j & 1) * 8;
-      const int hi = j >> 1;  // k + 8
-      const int dim = S::kEightBit ? 16 * s + 4 * quad + 2 * hi : 16 * s + 2 * quad + 8 * hi;
-      float x0 = 0.0f;
-      float x1 = 0.0f;
-      if (rr < it.rows) {  // kernel row rr: token rr / heads, head rr % heads
-        const int64_t base = (it.q_row0 + rr / it.heads) * p.q_row_stride +
-                             (it.head0 + rr % it.heads) * p.q_head_stride + dim;
-        x0 = p.q_scale * load_io(p.q, base, p.q_type);
-        x1 = p.q_scale * load_io(p.q, base + 1, p.q_type);
+        for (int e = 0; e < 8; ++e) x[k][e] = 0.0f;
       }
-      qa[s][j] = pack2<kBf16>(x0, x1);
     }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int rr = (lane + 32 * k) / kPieces;
+      const int piece = (lane + 32 * k) % kPieces;
+      auto* row = reinterpret_cast<uint32_t*>(q_stage + rr * S::kQRowStride) + (piece >> 1) * 8;
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int pair = (piece & 1) * 4 + w;  // dim pair within the 16-dim block
+        const int slot = S::kEightBit ? (pair >> 1) + 4 * (pair & 1) : pair;
+        row[slot] = pack2<kBf16>(p.q_scale * x[k][2 * w], p.q_scale * x[k][2 * w + 1]);
+      }
+    }
+    __syncwarp();
+    const uint32_t q_ld = smem_addr(q_stage) + (lane & 15) * S::kQRowStride + (lane >> 4) * 16;
+#pragma unroll
+    for (int s = 0; s < S::kKSteps; ++s) ldmatrix_x4(qa[s], q_ld + s * 32);
   }
 
   // ldmatrix row addresses of this lane, relative to a tile (header paragraph for the orders).
@@ -448,7 +484,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
   }
   __syncthreads();
-  float* s_acc = reinterpret_cast<float*>(smem);
+  float* s_acc = reinterpret_cast<float*>(smem);  // [warp][row][kAccStride]
   if (quad == 0) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -456,19 +492,22 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       ep.l[warp * kRows + grp + 8 * h] = l[h];
     }
   }
+  // Adjacent dims as float2: 16-bit: (x, x + 1) of an n8 tile of consecutive dims; 8-bit: the
+  // same x of an even and an odd dims tile.
 #pragma unroll
-  for (int n = 0; n < S::kNTiles; ++n) {
+  for (int n = 0; n < S::kNTiles; n += S::kEightBit ? 2 : 1) {
 #pragma unroll
-    for (int x = 0; x < 4; ++x) {
+    for (int x = 0; x < 4; x += S::kEightBit ? 1 : 2) {
       const int rr = grp + 8 * (x >> 1);
-      // 8-bit: even / odd dims tiles; 16-bit: n8 tiles of consecutive dims.
-      const int dim = S::kEightBit ? 16 * (n >> 1) + 4 * quad + 2 * (x & 1) + (n & 1)
-                                   : 8 * n + 2 * quad + (x & 1);
-      s_acc[(warp * kRows + rr) * kHeadDim + dim] = acc[n][x];
+      const int dim = S::kEightBit ? 16 * (n >> 1) + 4 * quad + 2 * (x & 1) : 8 * n + 2 * quad;
+      const float2 pair = S::kEightBit ? make_float2(acc[n][x], acc[n + 1][x])
+                                       : make_float2(acc[n][x], acc[n][x + 1]);
+      *reinterpret_cast<float2*>(s_acc + (warp * kRows + rr) * S::kAccStride + dim) = pair;
     }
   }
   __syncthreads();
-  finish_item(p, it, num_chunks, kAttnWarps, s_acc, ep, s_acc + kAttnWarps * kRows * kHeadDim);
+  finish_item(p, it, num_chunks, kAttnWarps, s_acc, S::kAccStride, ep,
+              s_acc + kAttnWarps * kRows * S::kAccStride);
 }
 
 // Raises the kernel's dynamic shared memory limit (once per instantiation).
