@@ -92,7 +92,8 @@ size_t cuda_attention_workspace_bytes(bool mma, int64_t rows_per_item, int64_t i
   const int64_t row_groups =
       max_rows * num_kv_heads * cuda_attention_subgroups(mma, num_q_heads, num_kv_heads);
   return align_up(static_cast<size_t>(row_groups) * sizeof(uint32_t)) +
-         static_cast<size_t>(items * rows_per_item * (head_dim + 2)) * sizeof(float);
+         static_cast<size_t>(items * rows_per_item * (head_dim + cuda::kAttnPartialExtra)) *
+             sizeof(float);
 }
 
 Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
@@ -157,8 +158,8 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
   const size_t counter_bytes = align_up(static_cast<size_t>(row_groups) * sizeof(uint32_t));
   k.counters = reinterpret_cast<unsigned*>(p.workspace);
   k.partials = reinterpret_cast<float*>(p.workspace + counter_bytes);
-  k.item_floats =
-      static_cast<int>(cuda_attention_rows_per_item(p.mma, p.extend, group) * (p.head_dim + 2));
+  k.item_floats = static_cast<int>(cuda_attention_rows_per_item(p.mma, p.extend, group) *
+                                   (p.head_dim + cuda::kAttnPartialExtra));
   k.q_per_cta = static_cast<int>(p.q_per_cta);
   k.max_q_blocks = static_cast<int>(p.max_q_blocks);
   k.errors = static_cast<cuda::DeviceErrorRecord*>(p.errors);

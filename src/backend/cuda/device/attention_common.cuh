@@ -341,16 +341,17 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
   }
 
   // Several chunks: publish this one's partial, then the last CTA of the row merges.
+  const int pr = D + kAttnPartialExtra;
   const int64_t row_item = static_cast<int64_t>(it.row_group) * p.max_chunks;
   float* mine = p.partials + (row_item + it.chunk) * p.item_floats;
   for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
     const int g = i / D;
     const int d = i - g * D;
-    mine[g * (D + 2) + d] = combined(g, d);
+    mine[g * pr + d] = combined(g, d);
   }
   if (static_cast<int>(threadIdx.x) < heads) {
-    mine[threadIdx.x * (D + 2) + D] = e.final_m[threadIdx.x];
-    mine[threadIdx.x * (D + 2) + D + 1] = e.final_l[threadIdx.x];
+    mine[threadIdx.x * pr + D] = e.final_m[threadIdx.x];
+    mine[threadIdx.x * pr + D + 1] = e.final_l[threadIdx.x];
   }
   __threadfence();
   __syncthreads();
@@ -370,21 +371,32 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
   for (int i = static_cast<int>(threadIdx.x); i < num_chunks * heads; i += kAttnThreads) {
     const int c = i / heads;
     const int g = i - c * heads;
-    cm[c * kRows + g] = __ldcg(all + c * stride + g * (D + 2) + D);
-    cl[c * kRows + g] = __ldcg(all + c * stride + g * (D + 2) + D + 1);
+    cm[c * kRows + g] = __ldcg(all + c * stride + g * pr + D);
+    cl[c * kRows + g] = __ldcg(all + c * stride + g * pr + D + 1);
   }
   __syncthreads();
   merge_weights<kRows>(cm, cl, cm, heads, num_chunks, e.final_m, e.final_l);
   __syncthreads();
-  for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
-    const int g = i / D;
-    const int d = i - g * D;
-    float o = 0.0f;
-#pragma unroll 8
+  // Four dims per thread and 16 chunks' loads in flight: the merge sits on the row's critical
+  // path, and one load per dim and chunk made it a chain of dependent L2 round trips.
+  const int quads = D / 4;
+  for (int i = static_cast<int>(threadIdx.x); i < heads * quads; i += kAttnThreads) {
+    const int g = i / quads;
+    const int d = (i - g * quads) * 4;
+    float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 16
     for (int c = 0; c < num_chunks; ++c) {
-      o += __ldcg(all + c * stride + g * (D + 2) + d) * cm[c * kRows + g];
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(all + c * stride + g * pr + d));
+      const float w = cm[c * kRows + g];
+      o.x += v.x * w;
+      o.y += v.y * w;
+      o.z += v.z * w;
+      o.w += v.w * w;
     }
-    write_output(p, it, g, d, o, e.final_m[g], e.final_l[g]);
+    write_output(p, it, g, d, o.x, e.final_m[g], e.final_l[g]);
+    write_output(p, it, g, d + 1, o.y, e.final_m[g], e.final_l[g]);
+    write_output(p, it, g, d + 2, o.z, e.final_m[g], e.final_l[g]);
+    write_output(p, it, g, d + 3, o.w, e.final_m[g], e.final_l[g]);
   }
 }
 

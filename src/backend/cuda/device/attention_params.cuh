@@ -13,6 +13,9 @@ namespace kvcache::cuda {
 
 // The most chunks one row may be split into (the last CTA's merge keeps a weight per chunk).
 inline constexpr int kAttnMaxChunks = 64;
+// Floats per row of a chunk's partial result past head_dim: max, sum, 2 of padding (rows start on
+// 16-byte boundaries: the merge reads them as float4).
+inline constexpr int kAttnPartialExtra = 4;
 
 // q / o element types, decided at run time (they are read and written once per CTA).
 enum class IoType : int { f32, f16, bf16 };
@@ -70,7 +73,7 @@ struct AttnKernelParams {
   int max_q_blocks = 0;
   float* partials = nullptr;     // [rows * subgroups * num_kv_heads * max_chunks][item_floats]
   unsigned* counters = nullptr;  // [rows * subgroups * num_kv_heads]
-  int item_floats = 0;           // kGroup * (head_dim + 2)
+  int item_floats = 0;           // rows per item * (head_dim + kAttnPartialExtra)
   DeviceErrorRecord* errors = nullptr;
   ErrorOp op = ErrorOp::decode_attention;
 };
