@@ -19,9 +19,13 @@
 // stored bytes, so one 8x8 matrix (8 keys x 16 dims) converts to a whole k16 B fragment whose k
 // order is dims (4c, 4c + 1 | 4c + 2, 4c + 3) for c = lane % 4: Q's A fragments use the same
 // order. 8-bit V: ldmatrix.trans gives each lane two keys x two adjacent dims; a byte permute
-// splits them into the B fragments of an "even dims" and an "odd dims" n8 tile. int8 -> f16 is
-// exact by the 0x6400 magic (byte permute + one subtraction); e4m3 -> f16 by cvt. Scales: the K
-// scale multiplies the score column, the V scale the softmax weight.
+// splits them into the B fragments of an "even dims" and an "odd dims" n8 tile. e4m3 -> f16 by
+// cvt. int8 -> f16 by the 0x6400 magic: a byte permute makes 1024 + (k + 128) exactly, and the
+// constant 1152 stays in: Q (K + 1152) = Q K + 1152 sum(Q) per query row (subtracted from the
+// scores, sum(Q) taken from Q's f16 fragments), P (V + 1152) = P V + 1152 sum(P) per row (one
+// more MMA against ones sums the same f16 P; subtracted once at the end). Both subtractions cost
+// f32 rounding of values ~10x the result's size, far below the f16 rounding of Q and P. Scales:
+// the K scale multiplies the score column, the V scale the softmax weight.
 
 #include <type_traits>
 
@@ -96,24 +100,35 @@ __device__ inline uint32_t pack2(float lo, float hi) {
   }
 }
 
-// Two stored 8-bit values (bytes 0 and 1 of x) as f16x2, exactly.
+// What widen() adds to each stored 8-bit value (header paragraph): 1152 for int8, 0 for e4m3.
 template <class KV>
-__device__ inline uint32_t byte_pair_to_f16x2(uint32_t x) {
+inline constexpr float kWidenOffset = std::is_same_v<KV, int8_t> ? 1152.0f : 0.0f;
+
+// Four stored 8-bit values (bytes 0-3 of x) as two f16x2: bytes (0, 1) -> a, (2, 3) -> b, each
+// plus kWidenOffset<KV>, exactly.
+template <class KV>
+__device__ inline void widen(uint32_t x, uint32_t& a, uint32_t& b) {
   if constexpr (std::is_same_v<KV, E4M3>) {
-    const __half2_raw h =
-        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x & 0xffffu), __NV_E4M3);
-    uint32_t u;
-    memcpy(&u, &h, 4);
-    return u;
+    asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n"
+        " cvt.rn.f16x2.e4m3x2 %1, hi;\n}"
+        : "=r"(a), "=r"(b)
+        : "r"(x));
   } else {
-    // 0x64XX is 1024 + XX as f16; XX = byte + 128 (the sign bit flipped), so subtract 1152.
-    const uint32_t h = __byte_perm(x ^ 0x8080u, 0x64646464u, 0x4140);
-    __half2 v;
-    memcpy(&v, &h, 4);
-    const __half2 r = __hsub2(v, __half2half2(__ushort_as_half(0x6480)));
-    uint32_t u;
-    memcpy(&u, &r, 4);
-    return u;
+    // 0x64XX is 1024 + XX as f16; XX = byte + 128 (the sign bit flipped).
+    const uint32_t u = x ^ 0x80808080u;
+    a = __byte_perm(u, 0x64646464u, 0x4140);
+    b = __byte_perm(u, 0x64646464u, 0x4342);
+  }
+}
+// As widen(), with bytes (0, 2) -> even and (1, 3) -> odd.
+template <class KV>
+__device__ inline void widen_split(uint32_t x, uint32_t& even, uint32_t& odd) {
+  if constexpr (std::is_same_v<KV, E4M3>) {
+    widen<KV>(__byte_perm(x, 0, 0x3120), even, odd);
+  } else {
+    const uint32_t u = x ^ 0x80808080u;
+    even = __byte_perm(u, 0x64646464u, 0x4240);
+    odd = __byte_perm(u, 0x64646464u, 0x4341);
   }
 }
 
@@ -352,6 +367,28 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
 
   float m[2] = {kNoMax, kNoMax};  // rows grp, grp + 8
   float l[2] = {0.0f, 0.0f};
+  // int8: kWidenOffset * sum(Q) of rows grp, grp + 8 (Q as the MMA sees it), and P's row sums
+  // from the MMA against ones (header paragraph).
+  float k_offset[2] = {0.0f, 0.0f};
+  float p_sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (kWidenOffset<KV> != 0.0f) {
+#pragma unroll
+    for (int s = 0; s < S::kKSteps; ++s) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        __half2 h;
+        memcpy(&h, &qa[s][j], 4);
+        const float2 f = __half22float2(h);
+        k_offset[j & 1] += f.x + f.y;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      k_offset[h] += __shfl_xor_sync(0xffffffffu, k_offset[h], 1);
+      k_offset[h] += __shfl_xor_sync(0xffffffffu, k_offset[h], 2);
+      k_offset[h] *= kWidenOffset<KV>;
+    }
+  }
   float acc[S::kNTiles][4];
 #pragma unroll
   for (int n = 0; n < S::kNTiles; ++n) {
@@ -382,8 +419,9 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
         ldmatrix_x4(b, k_tile + k_ld + s2 * 16);
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          mma16816<false>(sc[x & 1], qa[s2 + (x >> 1)], byte_pair_to_f16x2<KV>(b[x]),
-                          byte_pair_to_f16x2<KV>(b[x] >> 16));
+          uint32_t b0, b1;
+          widen<KV>(b[x], b0, b1);
+          mma16816<false>(sc[x & 1], qa[s2 + (x >> 1)], b0, b1);
         }
       } else {
         // per k-step s: (keys 0-7, dims 16 s + 0-7), (keys 0-7, + 8-15), (keys 8-15, ..), (..)
@@ -404,6 +442,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       for (int x = 0; x < 4; ++x) {
         const int col = nt * 8 + 2 * quad + (x & 1);
         float v = sc[nt][x];
+        if constexpr (kWidenOffset<KV> != 0.0f) v -= k_offset[x >> 1];
         if constexpr (S::kEightBit) v *= scales[col];
         if (p.soft_cap_log2 > 0.0f) v = p.soft_cap_log2 * tanhf(v * p.inv_soft_cap);
         v += bias[col];
@@ -427,6 +466,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
           acc[n][2 * h] *= corr;
           acc[n][2 * h + 1] *= corr;
         }
+        if constexpr (kWidenOffset<KV> != 0.0f) p_sums[2 * h] *= corr;
         m[h] = mx[h];
       }
     }
@@ -458,11 +498,16 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
           const uint32_t lo = v[2 * h];      // keys 2q, 2q+1 (x) dims 2n, 2n+1
           const uint32_t hi = v[2 * h + 1];  // keys 2q+8, 2q+9
           const int nt = 2 * (b2 + h);       // even dims tile; + 1: odd dims
-          mma16816<false>(acc[nt], pa, byte_pair_to_f16x2<KV>(__byte_perm(lo, 0, 0x0020)),
-                          byte_pair_to_f16x2<KV>(__byte_perm(hi, 0, 0x0020)));
-          mma16816<false>(acc[nt + 1], pa, byte_pair_to_f16x2<KV>(__byte_perm(lo, 0, 0x0031)),
-                          byte_pair_to_f16x2<KV>(__byte_perm(hi, 0, 0x0031)));
+          uint32_t lo_even, lo_odd, hi_even, hi_odd;
+          widen_split<KV>(lo, lo_even, lo_odd);
+          widen_split<KV>(hi, hi_even, hi_odd);
+          mma16816<false>(acc[nt], pa, lo_even, hi_even);
+          mma16816<false>(acc[nt + 1], pa, lo_odd, hi_odd);
         }
+      }
+      if constexpr (kWidenOffset<KV> != 0.0f) {
+        constexpr uint32_t kOnes = 0x3c003c00u;  // f16x2 (1, 1)
+        mma16816<false>(p_sums, pa, kOnes, kOnes);
       }
     } else {
       // matrices: (keys 0-7, dims 8 n..), (keys 8-15, 8 n..), (keys 0-7, 8 (n+1)..), (8-15, ..)
@@ -476,6 +521,13 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     }
   }
   cp_async_wait<0>();
+  if constexpr (kWidenOffset<KV> != 0.0f) {
+#pragma unroll
+    for (int n = 0; n < S::kNTiles; ++n) {
+#pragma unroll
+      for (int x = 0; x < 4; ++x) acc[n][x] -= kWidenOffset<KV> * p_sums[x & 2];
+    }
+  }
 
   // Hand the warps' partials to the epilogue (the ring's memory becomes s_acc).
 #pragma unroll
