@@ -2,11 +2,15 @@
 // The CUDA half of decode_attention / extend_attention: support table, schedule, workspace and
 // the mapping of the arguments onto backend::CudaAttentionParams.
 //
-// Schedule: a CTA serves (row, kv head, sub-group, chunk of chunk_size visible keys), and the
-// GPU runs them in waves of num_sms * ctas_per_sm. A CTA costs about its keys plus
-// kItemOverheadKeys (its prologue, epilogue and share of the merge), so a step takes about
-// waves * (chunk_size + kItemOverheadKeys): the schedule tries every chunk count of the longest row
-// and keeps the cheapest. Ragged rows give items of at most chunk_size keys, so skew costs little.
+// Schedule: a CTA serves an item (row, kv head, sub-group, chunk of chunk_size visible keys) and
+// costs about its keys plus kItemOverheadKeys (prologue, epilogue, share of the merge). The
+// tensor-core kernel on 16-bit K/V streams at the multiprocessor's share of DRAM bandwidth with
+// one CTA or two, so the GPU is num_sms machines; 8-bit K/V and the CUDA-core kernel are limited
+// per CTA (instruction issue), so it is num_sms * ctas_per_sm. Items go to whichever machine is
+// free, so a step takes about ceil(total / (machines * largest)) * largest: the schedule tries
+// every chunk count of the longest row and keeps the cheapest. Fitted to H100 timings of forced
+// chunk counts (docs/PERFORMANCE.md): 16-bit b16 x 4096 runs 5% faster unsplit than in two
+// chunks (one CTA per SM streams as fast as two), 8-bit 20% slower.
 #include "ops/attention_cuda.h"
 
 #include <algorithm>
@@ -21,7 +25,7 @@
 namespace kvcache::ops {
 namespace {
 
-constexpr int64_t kItemOverheadKeys = 96;
+constexpr int64_t kItemOverheadKeys = 128;  // ~3 us at a multiprocessor's bf16 streaming rate
 constexpr int64_t kItemsPerSm = 128;  // partial results the workspace holds per multiprocessor
 constexpr int64_t kMinChunk = 64;     // keys: smaller chunks cost more in merging than they win
 constexpr int64_t kChunkAlign = 64;   // 4 warps x 16-key tiles of the tensor-core kernel
@@ -82,7 +86,9 @@ int64_t cuda_attention_packing(const detail::AttentionPlanState& plan) {
 AttentionSchedule cuda_attention_schedule(const detail::AttentionPlanState& plan,
                                           std::span<const int64_t> row_keys, int64_t grid_units) {
   const int64_t groups = head_groups(plan);
-  const int64_t slots = plan.num_sms * plan.ctas_per_sm;
+  const DType kv = plan.desc.kv.k_dtype;
+  const bool per_sm = plan.mma && (kv == DType::bf16 || kv == DType::f16);
+  const int64_t machines = per_sm ? plan.num_sms : plan.num_sms * plan.ctas_per_sm;
   int64_t longest = 1;
   for (int64_t k : row_keys) longest = std::max(longest, k);
   AttentionSchedule best{longest, 1};
@@ -92,13 +98,17 @@ AttentionSchedule cuda_attention_schedule(const detail::AttentionPlanState& plan
         std::max(kMinChunk, ceil_div(ceil_div(longest, chunks), kChunkAlign) * kChunkAlign);
     const int64_t need = ceil_div(longest, chunk);
     if (need != chunks) continue;  // the same split as a smaller count
-    int64_t items = 0;
-    for (int64_t k : row_keys) items += ceil_div(std::max<int64_t>(k, 1), chunk);
-    items *= groups;
+    int64_t total = 0;             // keys plus overheads of every item
+    for (int64_t k : row_keys) {
+      total +=
+          std::max<int64_t>(k, 1) + ceil_div(std::max<int64_t>(k, 1), chunk) * kItemOverheadKeys;
+    }
+    total *= groups;
     if (chunks > 1 && grid_units * groups * chunks > plan.workspace_items) {
       break;  // more chunks need more workspace than the plan has
     }
-    const int64_t cost = ceil_div(items, slots) * (std::min(chunk, longest) + kItemOverheadKeys);
+    const int64_t largest = std::min(chunk, longest) + kItemOverheadKeys;
+    const int64_t cost = ceil_div(total, machines * largest) * largest;
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       best = {chunks == 1 ? longest : chunk, chunks};

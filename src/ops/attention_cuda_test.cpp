@@ -63,14 +63,27 @@ TEST(CudaAttentionSchedule, CoversEveryRowWithinTheLimits) {
   }
 }
 
-// One long sequence is split over the GPU (at least a wave of CTAs), not left to a few CTAs.
+// One long sequence is split over the GPU (nearly every multiprocessor gets a CTA), not left to
+// a few CTAs.
 TEST(CudaAttentionSchedule, SplitsOneLongSequenceOverTheGpu) {
   const detail::AttentionPlanState plan = h100_like_plan();
   const std::vector<int64_t> keys = {32768};
   const AttentionSchedule s =
       ops::cuda_attention_schedule(plan, keys, static_cast<int64_t>(keys.size()));
   expect_valid(plan, s, keys);
-  EXPECT_GE(items_of(s, keys, 8), plan.num_sms * plan.ctas_per_sm / 2);
+  EXPECT_GE(items_of(s, keys, 8), plan.num_sms * 9 / 10);
+}
+
+// 16-bit K/V streams at a multiprocessor's bandwidth share with one CTA: 16 x 4096 on 132 SMs
+// stays unsplit (128 CTAs). 8-bit K/V is limited per CTA: it splits to fill both CTA slots.
+TEST(CudaAttentionSchedule, SplitsEightBitToFillTheCtaSlots) {
+  detail::AttentionPlanState plan = h100_like_plan();
+  const std::vector<int64_t> keys(16, 4096);
+  EXPECT_EQ(ops::cuda_attention_schedule(plan, keys, 16).max_chunks, 1);
+  plan.desc.kv.k_dtype = plan.desc.kv.v_dtype = DType::int8;
+  const AttentionSchedule s = ops::cuda_attention_schedule(plan, keys, 16);
+  expect_valid(plan, s, keys);
+  EXPECT_EQ(s.max_chunks, 2);
 }
 
 // A ragged batch: the long row gets as many chunks as needed so that no item is much longer
