@@ -37,18 +37,20 @@ Result<Report> run_cuda_ops_bench(const OpsBenchOptions& options) {
   OwnedStream owned{*created};
   const Stream& stream = owned.stream;
 
+  const size_t bound_bytes = options.quick ? size_t{256} << 20 : size_t{4} << 30;
+  Result<double> read_gbps = backend::cuda_read_bound_gbps(options.device, bound_bytes, 7);
+  if (!read_gbps.ok()) return read_gbps.status();
+  Result<double> copy_gbps = backend::cuda_copy_bound_gbps(options.device, bound_bytes / 2, 7);
+  if (!copy_gbps.ok()) return copy_gbps.status();
+
   const CudaCaseOptions case_options{stream, options.quick};
   std::vector<CudaCaseBuilder> builders = cuda_attention_cases(case_options);
   for (CudaCaseBuilder& b : cuda_write_cases(case_options)) builders.push_back(std::move(b));
 
-  struct Timed {
-    CudaCase c;
-    double cold_us;
-    double graph_us;
-  };
   const int cold_repeats = static_cast<int>(std::max<int64_t>(25, options.repeats));
   const int graph_repeats = static_cast<int>(std::max<int64_t>(10, options.repeats));
-  std::vector<Timed> timed;
+  Report report({"op", "shape", "dtype", "sku", "timing", "median_us", "gbps", "bound_gbps",
+                 "bound_kind", "fraction"});
   for (const CudaCaseBuilder& build : builders) {
     Result<CudaCase> c = build();
     if (!c.ok()) return c.status();
@@ -59,31 +61,15 @@ Result<Report> run_cuda_ops_bench(const OpsBenchOptions& options) {
     if (!graph.ok()) return graph.status();
     // The cases pass valid indices: a recorded error is a kernel bug, not a measurement.
     if (Status s = check_device_errors(stream); !s.ok()) return s;
-    c->keep.reset();  // the case's device memory goes now; its numbers stay
-    timed.push_back({std::move(*c), *cold, *graph});
+    const double bound = c->copy_bound ? *copy_gbps : *read_gbps;
+    for (auto [timing, us] : {std::pair{"cold", *cold}, std::pair{"graph", *graph}}) {
+      const double gbps = c->bytes / (us * 1e-6) * 1e-9;
+      report.add_row({c->op, c->shape, c->dtype, c->sku, std::string(timing), us, gbps, bound,
+                      std::string(c->copy_bound ? "copy" : "read"), gbps / bound});
+    }
     std::fprintf(stderr, ".");
   }
   std::fprintf(stderr, "\n");
-
-  // The bounds come last: measured first, their full-bandwidth passes (7 x 4 GiB read, 7 x 2 GiB
-  // copied) left the first case after them 10-20% slower in cold timing (H100, several runs).
-  const size_t bound_bytes = options.quick ? size_t{256} << 20 : size_t{4} << 30;
-  Result<double> read_gbps = backend::cuda_read_bound_gbps(options.device, bound_bytes, 7);
-  if (!read_gbps.ok()) return read_gbps.status();
-  Result<double> copy_gbps = backend::cuda_copy_bound_gbps(options.device, bound_bytes / 2, 7);
-  if (!copy_gbps.ok()) return copy_gbps.status();
-
-  Report report({"op", "shape", "dtype", "sku", "timing", "median_us", "gbps", "bound_gbps",
-                 "bound_kind", "fraction"});
-  for (const Timed& t : timed) {
-    const CudaCase& c = t.c;
-    const double bound = c.copy_bound ? *copy_gbps : *read_gbps;
-    for (auto [timing, us] : {std::pair{"cold", t.cold_us}, std::pair{"graph", t.graph_us}}) {
-      const double gbps = c.bytes / (us * 1e-6) * 1e-9;
-      report.add_row({c.op, c.shape, c.dtype, c.sku, std::string(timing), us, gbps, bound,
-                      std::string(c.copy_bound ? "copy" : "read"), gbps / bound});
-    }
-  }
   return report;
 }
 

@@ -108,7 +108,7 @@ struct AttentionPlanState {
   // --- CUDA ---
   bool mma = false;                    // the tensor-core kernel (else CUDA cores)
   void* errors = nullptr;              // the GPU's device error record
-  int64_t num_sms = 0;                 // multiprocessors: the schedule targets a few waves of CTAs
+  int64_t num_sms = 0;                 // multiprocessors: the schedule sizes its waves by them
   int64_t ctas_per_sm = 0;             // CTAs of the chosen kernel a multiprocessor holds
   int64_t workspace_items = 0;         // partial results the workspace holds
   AttentionSchedule default_schedule;  // for args without one
@@ -143,8 +143,9 @@ class KVCACHE_API DecodeAttentionPlan {
   // A refused call writes nothing. Allocates nothing.
   Status run(const Stream& stream, std::span<std::byte> workspace, const AttentionArgs& args) const;
   // The split for these lengths (host arrays: seq_lens [batch], extend also q_indptr [batch +
-  // 1]): chunks sized so that the step fills the GPU with a few waves of equal work items, ragged
-  // or not. invalid_argument for lengths the plan refuses. CPU plans return their fixed chunking.
+  // 1]): the chunk count with the least estimated time, the GPU's multiprocessors (CTA slots for
+  // 8-bit K/V) taking work items of a chunk's keys plus a fixed cost in turn, ragged or not.
+  // invalid_argument for lengths the plan refuses. CPU plans return their fixed chunking.
   [[nodiscard]] Result<AttentionSchedule> schedule(std::span<const int32_t> seq_lens,
                                                    std::span<const int32_t> q_indptr = {}) const;
   // "cpu.avx512", "cpu.avx2", "cpu.portable", "cuda.sm90.mma" (tensor cores) or "cuda.sm90.simt".

@@ -47,12 +47,9 @@ struct DeviceErrorRecord {
 };
 
 #ifdef __CUDACC__
-// Counts a bad entry; the first one since the last check keeps its details. Not inlined: kernels
-// call it from many cold paths, and inlined copies grew the attention kernel's code (instruction
-// cache misses showed in short launches).
-static __device__ __noinline__ void record_error(DeviceErrorRecord* record, ErrorOp op,
-                                                 ErrorArg arg, int64_t index, int64_t value,
-                                                 int64_t lo, int64_t hi) {
+// Counts a bad entry; the first one since the last check keeps its details.
+__device__ inline void record_error(DeviceErrorRecord* record, ErrorOp op, ErrorArg arg,
+                                    int64_t index, int64_t value, int64_t lo, int64_t hi) {
   if (atomicAdd(&record->count, 1u) != 0) return;
   record->op = op;
   record->arg = arg;
