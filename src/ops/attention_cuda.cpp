@@ -10,7 +10,7 @@
 // free, so a step takes about ceil(total / (machines * largest)) * largest: the schedule tries
 // every chunk count of the longest row and keeps the cheapest. Fitted to H100 timings of forced
 // chunk counts (docs/PERFORMANCE.md): 16-bit b16 x 4096 runs 5% faster unsplit than in two
-// chunks (one CTA per SM streams as fast as two), 8-bit 20% slower.
+// chunks (one CTA per SM streams as fast as two); 8-bit runs 20% slower unsplit.
 #include "ops/attention_cuda.h"
 
 #include <algorithm>
@@ -100,8 +100,8 @@ AttentionSchedule cuda_attention_schedule(const detail::AttentionPlanState& plan
     if (need != chunks) continue;  // the same split as a smaller count
     int64_t total = 0;             // keys plus overheads of every item
     for (int64_t k : row_keys) {
-      total +=
-          std::max<int64_t>(k, 1) + ceil_div(std::max<int64_t>(k, 1), chunk) * kItemOverheadKeys;
+      const int64_t keys = std::max<int64_t>(k, 1);
+      total += keys + ceil_div(keys, chunk) * kItemOverheadKeys;
     }
     total *= groups;
     if (chunks > 1 && grid_units * groups * chunks > plan.workspace_items) {
