@@ -18,17 +18,20 @@
 #include "backend/cpu/attention_kernels.h"
 
 #if defined(__x86_64__)
-#include "backend/cpu/x86_intrinsics.h"
-
-#define KV_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,fma")))
-#define KV_AVX512_INLINE KV_AVX512 inline __attribute__((always_inline))
+#include "backend/cpu/attention_avx512_rows.h"
 
 namespace kvcache::cpu {
 namespace {
 
-// Rows ahead of the one being read, within the run only: rows past `count` may be another page.
-constexpr int64_t kPrefetchRows = 16;
-constexpr int64_t kSegmentRows = 64;  // accumulate scales p in segments of this many rows
+using avx512::for_each_pass;
+using avx512::kPrefetchRows;
+using avx512::kSegmentRows;
+using avx512::prefetch_row;
+using avx512::reduce16;
+using avx512::replicate_scales;
+using avx512::row_scale;
+using avx512::slot_of_lane;
+
 constexpr __mmask16 kFullMask = 0xFFFF;
 
 // Converters: 16 stored elements to 16 floats, unmasked (load) or zero-filled past `m` (load_tail).
@@ -96,73 +99,6 @@ struct LoadFp8 {
     return widen(_mm_maskz_loadu_epi8(m, p));
   }
 };
-
-template <class T>
-KV_AVX512_INLINE void prefetch_span(const T* p, int64_t elements) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = elements * static_cast<int64_t>(sizeof(T));
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-  _mm_prefetch(c + bytes - 1, _MM_HINT_T0);
-}
-
-// Prefetches row r of `rows`; r past count reads into rows.next (if it has r), with its scale
-// (a page's scales are few lines, so they are fetched only as the walk enters it).
-template <class T>
-KV_AVX512_INLINE void prefetch_row(const KVRows& rows, int64_t r) {
-  if (r < rows.count) {
-    prefetch_span(static_cast<const T*>(rows.data) + r * rows.stride, rows.dim);
-    return;
-  }
-  r -= rows.count;
-  if (r >= rows.next_count) return;
-  prefetch_span(static_cast<const T*>(rows.next) + r * rows.stride, rows.dim);
-  if (rows.next_scales != nullptr) {
-    _mm_prefetch(reinterpret_cast<const char*>(rows.next_scales + r * rows.scale_stride),
-                 _MM_HINT_T0);
-  }
-}
-
-inline float row_scale(const KVRows& rows, int64_t t, float factor) {
-  return rows.scales == nullptr ? factor : rows.scales[t * rows.scale_stride] * factor;
-}
-
-// Sums each of 16 vectors; lane 4a + b of the result holds the sum of v[a + 4b].
-KV_AVX512_INLINE __m512 reduce16(const __m512 (&v)[16]) {
-  __m512 w[8];
-  for (int j = 0; j < 8; ++j) {  // halves: lanes 0-7 sum v[2j], 8-15 sum v[2j+1]
-    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
-  }
-  __m512 x[4];
-  for (int k = 0; k < 4; ++k) {  // 128-bit lane b sums v[4k + b]
-    x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0x88),
-                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], 0xDD));
-  }
-  __m512 y[2];
-  for (int j = 0; j < 2; ++j) {
-    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0x44),
-                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], 0xEE));
-  }
-  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-}
-
-// The scales of rows [t, t + R) times factor, in lanes g * R + r for every g.
-template <int R>
-KV_AVX512_INLINE __m512 replicate_scales(const KVRows& rows, int64_t t, float factor) {
-  alignas(64) float sc[16] = {};
-  for (int r = 0; r < R; ++r) sc[r] = row_scale(rows, t + r, factor);
-  if constexpr (R == 16) {
-    return _mm512_load_ps(sc);
-  } else if constexpr (R == 8) {
-    return _mm512_broadcast_f32x8(_mm256_load_ps(sc));
-  } else {
-    static_assert(R == 4, "score passes hold 1, 2 or 4 heads");
-    return _mm512_broadcast_f32x4(_mm_load_ps(sc));
-  }
-}
-
-// The reduce16 input slot whose sum lands in lane m.
-constexpr int slot_of_lane(int m) { return m / 4 + 4 * (m % 4); }
 
 // Scores of heads [0, G) (q, s already offset to the pass's first head) over all k rows. Rows go
 // in blocks of R = 16 / G, so one block fills one reduce16; leftover rows reduce one at a time.
@@ -340,20 +276,6 @@ KV_AVX512 void accumulate_heads(const float* p, int64_t n_total, const KVRows& v
     }
     accumulate_pass<L, G>(w, w_stride, base + t0 * v.stride, v.stride, n, v.dim, &v, t0, acc);
   }
-}
-
-// Calls f(std::integral_constant<int, G>{}, g0) for passes of G in {kMax, ..., 2, 1} heads (powers
-// of two) covering [0, group). score stops at 4 heads: its 8-head tile holds only 2 rows per
-// reduction and measured slower than two 4-head passes.
-template <int kMax, class F>
-void for_each_pass(int64_t group, F&& f) {
-  int64_t g = 0;
-  for (; g + kMax <= group; g += kMax) f(std::integral_constant<int, kMax>{}, g);
-  if constexpr (kMax > 4) {
-    if (g + 4 <= group) f(std::integral_constant<int, 4>{}, std::exchange(g, g + 4));
-  }
-  if (g + 2 <= group) f(std::integral_constant<int, 2>{}, std::exchange(g, g + 2));
-  if (g < group) f(std::integral_constant<int, 1>{}, g);
 }
 
 // Calls f(L{}) with the converter of dtype (f32, f16, bf16, int8 or fp8_e4m3, as KVRows admits).
