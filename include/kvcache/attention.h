@@ -103,8 +103,9 @@ struct AttentionPlanState {
   bool extend = false;
   Device device = Device::cpu();
   CpuIsa isa = CpuIsa::portable;  // CPU: the row loops run: portable, avx2 or avx512
-  int64_t chunk = 0;              // CPU: keys per chunk (resolved)
-  int64_t max_chunks = 0;         // CPU: chunks of a max_seq_len context
+  bool dot8 = false;  // CPU avx512: 8-bit K or V rows by dot-product instructions (q, P rounded)
+  int64_t chunk = 0;  // CPU: keys per chunk (resolved)
+  int64_t max_chunks = 0;  // CPU: chunks of a max_seq_len context
   // --- CUDA ---
   bool mma = false;                    // the tensor-core kernel (else CUDA cores)
   void* errors = nullptr;              // the GPU's device error record
@@ -122,7 +123,10 @@ class KVCACHE_API DecodeAttentionPlan {
   // invalid_argument: desc malformed or unsupported (the message lists the supported set; CUDA
   // supports head_dim == head_dim_v in {16, 32, 64, 128, 256} and k_dtype == v_dtype);
   // unavailable: a GPU this build or machine lacks, or a forced isa this CPU lacks / whose
-  // self-test failed. CPU best: avx512, else avx2, else portable; isa is ignored for CUDA.
+  // self-test failed. CPU best: avx512, else avx2, else portable; isa is ignored for CUDA. An
+  // avx512 plan with int8 / fp8 K or V (head dims a multiple of 64, <= 512) reads those rows with
+  // dot-product instructions when the CPU has AVX512_VNNI and AVX512_VBMI and their self-test
+  // passed (sku cpu.avx512.dot8).
   static Result<DecodeAttentionPlan> select(const AttentionDesc& desc,
                                             Device device = Device::cpu(),
                                             CpuIsa isa = CpuIsa::best);
@@ -148,7 +152,9 @@ class KVCACHE_API DecodeAttentionPlan {
   // invalid_argument for lengths the plan refuses. CPU plans return their fixed chunking.
   [[nodiscard]] Result<AttentionSchedule> schedule(std::span<const int32_t> seq_lens,
                                                    std::span<const int32_t> q_indptr = {}) const;
-  // "cpu.avx512", "cpu.avx2", "cpu.portable", "cuda.sm90.mma" (tensor cores) or "cuda.sm90.simt".
+  // "cpu.avx512", "cpu.avx512.dot8" (int8 / fp8 K or V rows by vpdpwssd / vdpbf16ps, with q and
+  // softmax weights rounded: see precision()), "cpu.avx2", "cpu.portable", "cuda.sm90.mma"
+  // (tensor cores) or "cuda.sm90.simt".
   [[nodiscard]] const char* sku() const;
   // Per element of o and lse against reference::attention (module comment of the .cpp derives it).
   [[nodiscard]] Precision precision() const;

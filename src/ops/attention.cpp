@@ -11,6 +11,12 @@
 //    |q|, |k|, |v| <= 1 (dequantized), head_dim <= 256 and contexts <= 32768 they stay below
 //    2e-5 absolute (measured ~1e-6 on random data), the stated abs_tol.
 //  - Output rounding: bf16 o adds 2^-8 relative (half an ulp is 2^-9), f16 2^-11, f32 nothing.
+//  - cpu.avx512.dot8 (8-bit K or V rows by vpdpwssd / vdpbf16ps): fp8 rows meet q and the
+//    softmax weights rounded to bf16 (2^-9 relative each), as the tensor-core path does: abs_tol
+//    2^-7, as stated there. int8 rows meet q in int16 steps of max|q| / 32767 (logits move by at
+//    most 2^-16 max|q| sum|k| * scale: ~2^-11 on o for head_dim 256) and weights in int16 steps
+//    of their 64-key segment's largest (each segment's error <= 2^-16 * 64 * max|v| times its
+//    share of the softmax sum: 2^-10 on o): abs_tol 2^-9.
 //  - CUDA (ops/attention_cuda.cpp): the same f32 arithmetic in another order (dot products over
 //    lane groups, exp2f with relative error < 2^-22, chunks by the schedule): the same bound.
 
@@ -34,6 +40,8 @@ namespace cpu {
 size_t attention_workspace_size(const detail::AttentionPlanState& plan);
 bool attention_avx512_usable();
 bool attention_avx2_usable();
+// Whether an avx512 plan for desc reads its 8-bit K or V rows with the dot-product loops.
+bool attention_dot8_applies(const AttentionDesc& desc);
 void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& args,
                    std::span<std::byte> workspace, ThreadPool* pool);
 }  // namespace cpu
@@ -126,6 +134,7 @@ Result<detail::AttentionPlanState> select_state(const AttentionDesc& desc, Devic
       st.isa = isa;
       break;
   }
+  st.dot8 = st.isa == CpuIsa::avx512 && cpu::attention_dot8_applies(desc);
   const int64_t page = desc.pages ? desc.pages->page_size : 1;
   st.chunk = desc.chunk_size > 0 ? desc.chunk_size : std::max<int64_t>(1, kAutoChunk / page) * page;
   st.max_chunks = (desc.max_seq_len + st.chunk - 1) / st.chunk;
@@ -399,6 +408,17 @@ Precision plan_precision(const detail::AttentionPlanState& plan) {
   p.abs_tol = 2e-5;
   const DType o = plan.desc.o_dtype;
   p.rel_tol = o == DType::bf16 ? 0x1p-8 : o == DType::f16 ? 0x1p-11 : 0.0;
+  if (plan.dot8) {
+    const KVFormat& kv = plan.desc.kv;
+    const bool fp8 = kv.k_dtype == DType::fp8_e4m3 || kv.v_dtype == DType::fp8_e4m3;
+    p.abs_tol = fp8 ? 0x1p-7 : 0x1p-9;
+    p.note = std::string(
+                 "dot-product loops on 8-bit K/V: q and softmax weights rounded to bf16 (fp8) "
+                 "or to int16 steps of their row / 64-key maximum (int8), f32 sums (abs_tol "
+                 "for |q|,|k|,|v| <= 1; it scales with max |v|) + ") +
+             name(o) + " output rounding; vs the reference on the stored K/V";
+    return p;
+  }
   p.note = std::string(
                "f32 logits/softmax/accumulation (abs_tol for |q|,|k|,|v| <= 1; it scales "
                "with max |v|) + ") +
@@ -410,7 +430,7 @@ const char* plan_sku(const detail::AttentionPlanState& plan) {
   if (!plan.device.is_cpu()) return plan.mma ? "cuda.sm90.mma" : "cuda.sm90.simt";
   switch (plan.isa) {
     case CpuIsa::avx512:
-      return "cpu.avx512";
+      return plan.dot8 ? "cpu.avx512.dot8" : "cpu.avx512";
     case CpuIsa::avx2:
       return "cpu.avx2";
     default:

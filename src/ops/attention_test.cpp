@@ -16,6 +16,7 @@
 
 #include "kvcache/thread_pool.h"
 
+#include "backend/cpu/attention_kernels.h"
 #include "ops/quantize.h"
 #include "reference/attention.h"
 #include "reference/element.h"
@@ -72,8 +73,9 @@ Status run_any(Problem& p, CpuIsa isa, ThreadPool* pool, std::vector<double>* go
                                      : run_problem<ExtendAttentionPlan>(p, isa, pool, got);
 }
 
-Precision precision_of(const Problem& p) {
-  return DecodeAttentionPlan::select(p.desc()).value().precision();
+// The stated precision of the plan run_any runs for this isa.
+Precision precision_of(const Problem& p, CpuIsa isa) {
+  return DecodeAttentionPlan::select(p.desc(), Device::cpu(), isa).value().precision();
 }
 
 // Every ISA, with and without a pool of 2, against the reference.
@@ -81,9 +83,9 @@ void check_problem(const Config& cfg, uint32_t seed, const std::string& what) {
   std::mt19937 rng(seed);
   Problem p(cfg, rng);
   const std::vector<double> want = reference_of(p);
-  const Precision prec = precision_of(p);
   ThreadPool pool(2);
   for (CpuIsa isa : isas()) {
+    const Precision prec = precision_of(p, isa);
     for (ThreadPool* tp : {static_cast<ThreadPool*>(nullptr), &pool}) {
       std::vector<double> got;
       ASSERT_OK(run_any(p, isa, tp, &got));
@@ -156,8 +158,8 @@ TEST(Attention, PagedEqualsContiguousEqualsReference) {
         const std::vector<double> want = reference_of(p);
         p.use_pages(false);
         EXPECT_EQ(want, reference_of(p));
-        const Precision prec = precision_of(p);
         for (CpuIsa isa : isas()) {
+          const Precision prec = precision_of(p, isa);
           std::vector<double> a, b;
           p.use_pages(true);
           ASSERT_OK(run_any(p, isa, nullptr, &a));
@@ -217,9 +219,9 @@ TEST(Attention, SplitContextEqualsUnsplitAndThreadCountDoesNotMatter) {
   std::mt19937 rng3(seed);
   Problem split7(cfg, rng3);
   const std::vector<double> want = reference_of(whole);
-  const Precision prec = precision_of(whole);
   ThreadPool pool(2);
   for (CpuIsa isa : isas()) {
+    const Precision prec = precision_of(whole, isa);
     std::vector<double> a, b, c, b2;
     ASSERT_OK(run_any(whole, isa, nullptr, &a));
     ASSERT_OK(run_any(split32, isa, nullptr, &b));
@@ -294,6 +296,63 @@ TEST(Attention, LongContextSplitsAcrossThreads) {
   cfg.page_size = 16;
   cfg.max_seq_len = 4096;  // auto chunk 512: five chunks
   check_problem(cfg, seed, "2500 keys");
+}
+
+// 8-bit K or V at head dims the AVX-512 dot-product loops take (multiples of 64), contiguous and
+// paged, several 64-key segments and chunks: every isa within its plan's stated precision. On a
+// CPU with the instructions the avx512 plan must pick those loops and state their rounding.
+TEST(Attention, EightBitRowsAtDotProductDims) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  const std::pair<DType, DType> kv[] = {{DType::int8, DType::int8},
+                                        {DType::fp8_e4m3, DType::fp8_e4m3},
+                                        {DType::int8, DType::bf16},
+                                        {DType::bf16, DType::fp8_e4m3}};
+  for (auto [k, v] : kv) {
+    for (int64_t dim : {128, 192}) {
+      for (int64_t page : {0, 16}) {
+        Config cfg;
+        cfg.k = k;
+        cfg.v = v;
+        cfg.dim = dim;
+        cfg.hq = 8;
+        cfg.hkv = 2;
+        cfg.q = cfg.o = DType::bf16;
+        cfg.seq_lens = {300, 45, 129};
+        cfg.page_size = page;
+        cfg.layout = dim == 128 ? PageLayout::nhd : PageLayout::hnd;
+        cfg.chunk = 112;
+        check_problem(cfg, seed,
+                      std::string("k ") + name(k) + " v " + name(v) + " dim " +
+                          std::to_string(dim) + " page " + std::to_string(page));
+      }
+    }
+  }
+  AttentionDesc d;
+  d.num_q_heads = 32;
+  d.kv = KVFormat{8, 128, 128, DType::int8, DType::int8};
+  d.max_seq_len = 4096;
+  if (!cpu_supports(CpuIsa::avx512)) GTEST_SKIP() << "no AVX-512";
+  const DecodeAttentionPlan plan =
+      DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512).value();
+  if (cpu::cpu_has_dot8()) {
+    EXPECT_STREQ(plan.sku(), "cpu.avx512.dot8");
+    EXPECT_EQ(plan.precision().abs_tol, 0x1p-9);
+    EXPECT_NE(plan.precision().note.find("int16"), std::string::npos) << plan.precision().note;
+    d.kv.k_dtype = d.kv.v_dtype = DType::fp8_e4m3;
+    EXPECT_STREQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->sku(),
+                 "cpu.avx512.dot8");
+    EXPECT_EQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->precision().abs_tol,
+              0x1p-7);
+  } else {
+    EXPECT_STREQ(plan.sku(), "cpu.avx512");
+  }
+  EXPECT_EQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::portable)->precision().abs_tol,
+            2e-5);
+  d.kv.k_dtype = d.kv.v_dtype = DType::bf16;
+  EXPECT_STREQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->sku(), "cpu.avx512");
+  d.kv = KVFormat{8, 96, 96, DType::int8, DType::int8};  // not a multiple of 64
+  EXPECT_STREQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->sku(), "cpu.avx512");
 }
 
 // Quantized storage vs the same data in float: the error the storage adds, for |x| <= 1,

@@ -296,6 +296,7 @@ void run_item(const Ctx& c, int64_t item) {
     float* dst = qf + j * c.dim;
     to_float(a.q.dtype, src, dst, static_cast<size_t>(c.dim));
     for (int64_t d = 0; d < c.dim; ++d) dst[d] *= c.q_scale;
+    if (c.kernels.prepare_q != nullptr) c.kernels.prepare_q(dst, c.dim);
     m[j] = kNegInf;
     l[j] = 0.0f;
   }
@@ -441,6 +442,12 @@ bool attention_avx512_usable() {
   return usable;
 }
 
+bool attention_dot8_applies(const AttentionDesc& desc) {
+  return avx512_dot8_attention_rows_self_test() &&
+         (dot8_applies(desc.kv.k_dtype, desc.kv.head_dim) ||
+          dot8_applies(desc.kv.v_dtype, desc.kv.dim_v()));
+}
+
 bool attention_avx2_usable() {
   static const bool usable = cpu_supports(CpuIsa::avx2) && avx2_attention_rows_self_test();
   return usable;
@@ -469,7 +476,8 @@ void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& 
   c.kernels = portable_attention_rows();
 #if defined(__x86_64__)
   if (plan.isa == CpuIsa::avx512) {
-    c.kernels = avx512_attention_rows();
+    c.kernels = plan.dot8 ? avx512_dot8_attention_rows(d.kv.k_dtype, d.kv.head_dim)
+                          : avx512_attention_rows();
     c.update = update_rows_avx512;
   }
   if (plan.isa == CpuIsa::avx2) c.kernels = avx2_attention_rows();

@@ -30,8 +30,12 @@ struct KVRows {
 };
 
 // s[g * n + t] = sum_d q[g * dim + d] * k[t][d] * k_scale[t], for g < group, t < n = k.count.
-// q: [group, dim] float32.
+// q: [group, dim] float32, or rows that prepare_q converted (rows stay dim floats apart).
 using ScoreRowsFn = void (*)(const float* q, int64_t group, const KVRows& k, float* s);
+
+// Converts one q row [dim] float32 in place into the form score() reads; called once per row
+// before any score() call with it.
+using PrepareQFn = void (*)(float* q, int64_t dim);
 
 // acc[g * dim + d] += sum_t p[g * n + t] * v_scale[t] * v[t][d], for g < group, t < n = v.count.
 using AccumulateRowsFn = void (*)(const float* p, int64_t group, const KVRows& v, float* acc);
@@ -40,6 +44,7 @@ struct AttentionRowKernels {
   ScoreRowsFn score = nullptr;
   AccumulateRowsFn accumulate = nullptr;
   const char* isa = "portable";
+  PrepareQFn prepare_q = nullptr;  // nullptr: score() reads float q
 };
 
 // The portable loops (attention.cpp): always built, the oracle the fast paths are tested against.
@@ -50,5 +55,22 @@ struct AttentionRowKernels {
 // process; later calls return the first answer). false when the CPU lacks AVX-512 or they differ
 // by more than float rounding.
 [[nodiscard]] bool avx512_attention_rows_self_test();
+
+// The AVX-512 loops with dot-product instructions on 8-bit rows (attention_avx512_dot8.cpp), two
+// multiply-adds per float lane: int8 rows by vpdpwssd against q and weights rounded to int16
+// (q per row, weights per 64 rows, each to steps of its largest magnitude / 32767), fp8_e4m3
+// rows by vdpbf16ps against q and weights rounded to bf16; float32 sums. Rows of other dtypes,
+// and dims that are not a multiple of 64, go to avx512_attention_rows(). score() then reads q
+// rows from prepare_q when dot8_applies(k_dtype, head_dim).
+// REQUIRES cpu_has_dot8().
+[[nodiscard]] AttentionRowKernels avx512_dot8_attention_rows(DType k_dtype, int64_t head_dim);
+// Whether the dot-product loops take rows of this dtype and dim.
+[[nodiscard]] bool dot8_applies(DType dtype, int64_t dim);
+// Whether the CPU has AVX-512 (with BF16), AVX512_VNNI and AVX512_VBMI.
+[[nodiscard]] bool cpu_has_dot8();
+// Runs the dot-product loops against the portable ones on fixed inputs (once per process; later
+// calls return the first answer). false when !cpu_has_dot8() or they differ by more than the
+// rounding stated above.
+[[nodiscard]] bool avx512_dot8_attention_rows_self_test();
 
 }  // namespace kvcache::cpu

@@ -1,14 +1,18 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
-// The fast attention row loops (AVX2 and AVX-512, one parametrized suite) against a float64 loop
-// written here, for every storage dtype,
-// odd and real head dims, GQA groups 1..8, strided rows and run lengths 1..70. Padding between
-// rows is poisoned (NaN, or the largest value), so reading it shows; outputs are poisoned before
-// the call and the floats after them must stay untouched.
-// Tolerance: |got - want| <= (terms + 4) * 2^-23 * sum |term|, float rounding of a sum of `terms`
-// products (score: dim products per entry; accumulate: count products plus the old value).
+// The fast attention row loops (AVX2 and AVX-512, one parametrized suite; the AVX-512 dot-product
+// loops on 8-bit rows, their own suite) against a float64 loop written here, for every storage
+// dtype, odd and real head dims, GQA groups 1..8, strided rows and run lengths 1..70. Padding
+// between rows is poisoned (NaN, or the largest value), so reading it shows; outputs are poisoned
+// before the call and the floats after them must stay untouched. Tolerance: |got - want| <= (terms
+// + 4) * 2^-23 * sum |term|, float rounding of a sum of `terms` products (score: dim products per
+// entry; accumulate: count products plus the old value). The dot-product loops on 8-bit rows
+// (AttentionDot8Rows) add the rounding they state: q and the weights to bf16 (fp8: 2^-9 of each
+// term) or to int16 steps of the largest / 32767 (int8: 2^-16 of max|q| * sum |k| per score, of max
+// |w| * sum |v| per accumulated element); the tests allow twice that.
 
 #include "backend/cpu/attention_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -262,6 +266,229 @@ TEST_P(AttentionRows, SelfTestAgreesWithPortableLoops) {
   EXPECT_TRUE(GetParam().self_test());
   EXPECT_TRUE(GetParam().self_test());  // the cached answer
   EXPECT_STREQ(kernels().isa, GetParam().name);
+}
+
+// --- the dot-product loops on 8-bit rows ---
+
+constexpr DType kDot8Storage[] = {DType::int8, DType::fp8_e4m3};
+constexpr int64_t kDot8Dims[] = {64, 128, 192, 256, 512};
+
+class AttentionDot8Rows : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cpu_has_dot8()) GTEST_SKIP() << "no AVX-512 with BF16, VNNI and VBMI";
+  }
+};
+
+// Two run lengths per (dtype, dim, group): one random in [1, 150] (several 64-row segments), one
+// a page or block size.
+template <class F>
+void for_each_dot8_case(std::mt19937& rng, F&& f) {
+  constexpr int64_t kRuns[] = {16, 32, 64};
+  int k = 0;
+  for (const DType dtype : kDot8Storage) {
+    for (const int64_t dim : kDot8Dims) {
+      for (int64_t group = 1; group <= 8; ++group) {
+        for (const int64_t count : {uniform_int(rng, 1, 150), kRuns[k++ % 3]}) {
+          const Case c{dtype, dim, group, count, dim + uniform_int(rng, 0, 9)};
+          SCOPED_TRACE(::testing::Message() << name(dtype) << " dim " << dim << " group " << group
+                                            << " count " << count << " stride " << c.stride);
+          f(c);
+        }
+      }
+    }
+  }
+}
+
+// q rows converted by prepare_q (a copy: the float rows stay for the reference).
+std::vector<float> prepared(const AttentionRowKernels& k, const std::vector<float>& q,
+                            int64_t group, int64_t dim) {
+  std::vector<float> out = q;
+  for (int64_t g = 0; g < group; ++g) k.prepare_q(out.data() + g * dim, dim);
+  return out;
+}
+
+TEST_F(AttentionDot8Rows, ScoreMatchesFloat64WithinStatedRounding) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for_each_dot8_case(rng, [&](const Case& c) {
+    const AttentionRowKernels kernels = avx512_dot8_attention_rows(c.dtype, c.dim);
+    ASSERT_NE(kernels.prepare_q, nullptr);
+    Rows k = random_rows(c.dtype, c.count, c.dim, c.stride, rng);
+    with_next_rows(k);
+    const std::vector<float> q =
+        random_floats(static_cast<size_t>(c.group * c.dim), -1.0f, 1.0f, rng);
+    const size_t n_out = static_cast<size_t>(c.group * c.count);
+    std::vector<double> want(n_out, 0.0);
+    std::vector<double> tol(n_out, 0.0);
+    for (int64_t g = 0; g < c.group; ++g) {
+      double q_max = 0.0;
+      for (int64_t d = 0; d < c.dim; ++d) {
+        q_max =
+            std::max(q_max, std::fabs(static_cast<double>(q[static_cast<size_t>(g * c.dim + d)])));
+      }
+      for (int64_t t = 0; t < c.count; ++t) {
+        double mag = 0.0;
+        double k_abs = 0.0;
+        const auto i = static_cast<size_t>(g * c.count + t);
+        for (int64_t d = 0; d < c.dim; ++d) {
+          const double kv = k.values[static_cast<size_t>(t * c.dim + d)] * row_scale(k, t);
+          const double term = static_cast<double>(q[static_cast<size_t>(g * c.dim + d)]) * kv;
+          want[i] += term;
+          mag += std::fabs(term);
+          k_abs += std::fabs(kv);
+        }
+        const double rounding = c.dtype == DType::int8 ? 0x1p-15 * q_max * k_abs : 0x1p-8 * mag;
+        tol[i] = rounding + static_cast<double>(c.dim + 4) * 0x1p-23 * mag;
+      }
+    }
+    std::vector<float> s(n_out + kGuard, std::nanf(""));
+    uint32_t poison = 0;
+    std::memcpy(&poison, &s[0], 4);
+    kernels.score(prepared(kernels, q, c.group, c.dim).data(), c.group, k.view, s.data());
+    for (size_t i = 0; i < n_out; ++i) {
+      ASSERT_LE(std::fabs(static_cast<double>(s[i]) - want[i]), tol[i])
+          << "s[" << i << "] = " << s[i] << ", want " << want[i];
+    }
+    for (size_t i = n_out; i < s.size(); ++i) {
+      uint32_t bits = 0;
+      std::memcpy(&bits, &s[i], 4);
+      ASSERT_EQ(bits, poison) << "guard s[" << i << "] written";
+    }
+  });
+}
+
+TEST_F(AttentionDot8Rows, AccumulateMatchesFloat64WithinStatedRounding) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for_each_dot8_case(rng, [&](const Case& c) {
+    const AttentionRowKernels kernels = avx512_dot8_attention_rows(c.dtype, c.dim);
+    Rows v = random_rows(c.dtype, c.count, c.dim, c.stride, rng);
+    with_next_rows(v);
+    const std::vector<float> p =
+        random_floats(static_cast<size_t>(c.group * c.count), 0.0f, 1.0f, rng);
+    const size_t n_acc = static_cast<size_t>(c.group * c.dim);
+    std::vector<float> acc = random_floats(n_acc, -1.0f, 1.0f, rng);
+    std::vector<double> want(acc.begin(), acc.end());
+    std::vector<double> tol(n_acc);
+    for (int64_t g = 0; g < c.group; ++g) {
+      double w_max = 0.0;
+      for (int64_t t = 0; t < c.count; ++t) {
+        w_max = std::max(w_max, p[static_cast<size_t>(g * c.count + t)] * row_scale(v, t));
+      }
+      for (int64_t d = 0; d < c.dim; ++d) {
+        const auto i = static_cast<size_t>(g * c.dim + d);
+        double mag = std::fabs(want[i]);
+        double v_abs = 0.0;
+        double terms_abs = 0.0;
+        for (int64_t t = 0; t < c.count; ++t) {
+          const double w =
+              static_cast<double>(p[static_cast<size_t>(g * c.count + t)]) * row_scale(v, t);
+          const double term = w * v.values[static_cast<size_t>(t * c.dim + d)];
+          want[i] += term;
+          terms_abs += std::fabs(term);
+          v_abs += std::fabs(v.values[static_cast<size_t>(t * c.dim + d)]);
+        }
+        mag += terms_abs;
+        const double rounding =
+            c.dtype == DType::int8 ? 0x1p-15 * w_max * v_abs : 0x1p-8 * terms_abs;
+        tol[i] = rounding + static_cast<double>(c.count + 4) * 0x1p-23 * mag;
+      }
+    }
+    const float poison = std::nanf("");
+    acc.resize(n_acc + kGuard, poison);
+    uint32_t poison_bits = 0;
+    std::memcpy(&poison_bits, &poison, 4);
+    kernels.accumulate(p.data(), c.group, v.view, acc.data());
+    for (size_t i = 0; i < n_acc; ++i) {
+      ASSERT_LE(std::fabs(static_cast<double>(acc[i]) - want[i]), tol[i])
+          << "acc[" << i << "] = " << acc[i] << ", want " << want[i];
+    }
+    for (size_t i = n_acc; i < acc.size(); ++i) {
+      uint32_t bits = 0;
+      std::memcpy(&bits, &acc[i], 4);
+      ASSERT_EQ(bits, poison_bits) << "guard acc[" << i << "] written";
+    }
+  });
+}
+
+// Every non-NaN e4m3 pattern and every int8 value, in rows of 64: accumulate with p = 1 and score
+// with one-hot q rows meet no rounding of q or p (bf16 and int16 hold 1 exactly), so each result
+// is the stored value: exactly for fp8, within the int8 words' factor (1 / 32767 in float).
+TEST_F(AttentionDot8Rows, EveryStoredValueWidensExactly) {
+  for (const DType dtype : kDot8Storage) {
+    SCOPED_TRACE(name(dtype));
+    std::vector<uint8_t> bytes;
+    for (int b = 0; b < 256; ++b) {
+      if (dtype == DType::int8 || (b & 0x7f) != 0x7f) bytes.push_back(static_cast<uint8_t>(b));
+    }
+    bytes.resize(256, 0);  // whole rows of 64
+    const auto value = [&](size_t i) {
+      return dtype == DType::int8 ? static_cast<float>(static_cast<int8_t>(bytes[i]))
+                                  : fp8_e4m3_to_float(bytes[i]);
+    };
+    const double rel = dtype == DType::int8 ? 0x1p-22 : 0.0;
+    constexpr int64_t kDim = 64;
+    const AttentionRowKernels kernels = avx512_dot8_attention_rows(dtype, kDim);
+    const KVRows rows{bytes.data(), dtype, kDim, nullptr, 0, 4, kDim};
+    std::vector<float> acc(bytes.size(), 0.0f);
+    const float ones[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    for (int64_t t = 0; t < 4; ++t) {  // one row per call: acc row t = row t
+      const KVRows one{bytes.data() + t * kDim, dtype, kDim, nullptr, 0, 1, kDim};
+      kernels.accumulate(ones, 1, one, acc.data() + t * kDim);
+    }
+    for (int64_t j = 0; j < kDim; ++j) {
+      std::vector<float> q(kDim, 0.0f);
+      q[static_cast<size_t>(j)] = 1.0f;
+      kernels.prepare_q(q.data(), kDim);
+      float s[4];
+      kernels.score(q.data(), 1, rows, s);
+      for (int64_t t = 0; t < 4; ++t) {
+        const auto i = static_cast<size_t>(t * kDim + j);
+        EXPECT_NEAR(s[t], value(i), rel * std::fabs(value(i)))
+            << "byte 0x" << std::hex << int{bytes[i]};
+        EXPECT_NEAR(acc[i], value(i), rel * std::fabs(value(i)))
+            << "byte 0x" << std::hex << int{bytes[i]};
+      }
+    }
+  }
+}
+
+// Rows the dot-product loops do not take (other dtypes, dims not a multiple of 64) go to the float
+// AVX-512 loops: the same results, bit for bit.
+TEST_F(AttentionDot8Rows, OtherRowsUseTheFloatLoops) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  const AttentionRowKernels fl = avx512_attention_rows();
+  for (auto [dtype, dim] :
+       {std::pair{DType::int8, int64_t{33}}, std::pair{DType::bf16, int64_t{128}},
+        std::pair{DType::fp8_e4m3, int64_t{96}}}) {
+    SCOPED_TRACE(::testing::Message() << name(dtype) << " dim " << dim);
+    const AttentionRowKernels dot = avx512_dot8_attention_rows(dtype, dim);
+    EXPECT_EQ(dot.prepare_q, nullptr);
+    EXPECT_FALSE(dot8_applies(dtype, dim));
+    Rows r = random_rows(dtype, 37, dim, dim + 3, rng);
+    const std::vector<float> q = random_floats(static_cast<size_t>(3 * dim), -1.0f, 1.0f, rng);
+    const std::vector<float> p = random_floats(static_cast<size_t>(3 * 37), 0.0f, 1.0f, rng);
+    std::vector<float> s1(3 * 37), s2(3 * 37);
+    dot.score(q.data(), 3, r.view, s1.data());
+    fl.score(q.data(), 3, r.view, s2.data());
+    EXPECT_EQ(s1, s2);
+    std::vector<float> a1 = random_floats(static_cast<size_t>(3 * dim), -1.0f, 1.0f, rng);
+    std::vector<float> a2 = a1;
+    dot.accumulate(p.data(), 3, r.view, a1.data());
+    fl.accumulate(p.data(), 3, r.view, a2.data());
+    EXPECT_EQ(a1, a2);
+  }
+}
+
+TEST_F(AttentionDot8Rows, SelfTestAgreesWithPortableLoops) {
+  EXPECT_TRUE(avx512_dot8_attention_rows_self_test());
+  EXPECT_TRUE(avx512_dot8_attention_rows_self_test());  // the cached answer
+  EXPECT_STREQ(avx512_dot8_attention_rows(DType::int8, 128).isa, "avx512.dot8");
 }
 
 INSTANTIATE_TEST_SUITE_P(
