@@ -317,7 +317,7 @@ TEST(Attention, EightBitRowsAtDotProductDims) {
         cfg.dim = dim;
         cfg.hq = 8;
         cfg.hkv = 2;
-        cfg.q = cfg.o = DType::bf16;
+        cfg.q = DType::bf16;  // o stays f32: no output rounding hides the loops' own
         cfg.seq_lens = {300, 45, 129};
         cfg.page_size = page;
         cfg.layout = dim == 128 ? PageLayout::nhd : PageLayout::hnd;
