@@ -300,6 +300,20 @@ TEST_F(CudaAttention, ScheduleSplitsRaggedBatchesEvenly) {
                         "seq_lens[0] is 0"));
 }
 
+// Ragged decode batches of many rows: lengths on chunk boundaries (96 = 3 chunks of 32), rows of
+// one key, splits of some rows and not others, a grid of thousands of CTAs.
+TEST_F(CudaAttention, RaggedBatchesOfManyRows) {
+  const uint32_t seed = test_seed();
+  std::mt19937 rng(seed);
+  for (int64_t batch : {37, 257}) {
+    Config c = paged_config(8, 2, 64, 16, {});
+    for (int64_t b = 0; b < batch; ++b) {
+      c.seq_lens.push_back(b % 5 == 0 ? 96 : static_cast<int32_t>(1 + rng() % 300));
+    }
+    check(c, seed, "batch " + std::to_string(batch));
+  }
+}
+
 // Entries the host cannot check are counted by the kernel and reported once by check.
 TEST_F(CudaAttention, BadDeviceEntriesAreSkippedAndReported) {
   std::mt19937 rng(test_seed());
