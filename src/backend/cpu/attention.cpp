@@ -26,6 +26,10 @@
 #include "backend/cpu/attention_kernels.h"
 #include "ops/paged_checks.h"
 
+#if defined(__x86_64__)
+#include "backend/cpu/x86_intrinsics.h"
+#endif
+
 namespace kvcache::cpu {
 namespace {
 
@@ -79,21 +83,38 @@ struct RunUpdate {
 
 constexpr int kLanes = 16;  // independent lanes for the max and sum reductions, so they vectorize
 
+// Soft-cap and mask the logits of row j.
+[[gnu::always_inline]] inline void cap_and_mask(const RunUpdate& u, int64_t j, float* srow) {
+  if (u.cap2 > 0.0f) {
+    for (int64_t t = 0; t < u.n; ++t) srow[t] = u.cap2 * std::tanh(srow[t] / u.cap2);
+  }
+  if (!u.all_visible) {
+    for (int64_t t = 0; t < u.n; ++t) {
+      const int64_t key = u.t0 + t;
+      if (key > u.pos[j] || (u.window > 0 && key <= u.pos[j] - u.window && key >= u.sink)) {
+        srow[t] = kNegInf;
+      }
+    }
+  }
+}
+
+// Rescales row j's acc and sum to the new running max mx, then adds sum.
+[[gnu::always_inline]] inline void rescale_row(const RunUpdate& u, int64_t j, float mx, float sum) {
+  if (mx != u.m[j]) {
+    const float alpha = fast_exp2(u.m[j] - mx);
+    float* arow = u.acc + j * u.dim_v;
+    for (int64_t d = 0; d < u.dim_v; ++d) arow[d] *= alpha;
+    u.l[j] *= alpha;
+    u.m[j] = mx;
+  }
+  u.l[j] += sum;
+}
+
 [[gnu::always_inline]] inline void update_rows_impl(const RunUpdate& u) {
   const int64_t n = u.n;
   for (int64_t j = 0; j < u.nrows; ++j) {
     float* srow = u.sc + j * n;
-    if (u.cap2 > 0.0f) {
-      for (int64_t t = 0; t < n; ++t) srow[t] = u.cap2 * std::tanh(srow[t] / u.cap2);
-    }
-    if (!u.all_visible) {
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t key = u.t0 + t;
-        if (key > u.pos[j] || (u.window > 0 && key <= u.pos[j] - u.window && key >= u.sink)) {
-          srow[t] = kNegInf;
-        }
-      }
-    }
+    cap_and_mask(u, j, srow);
     float lanes[kLanes];
     std::fill(lanes, lanes + kLanes, u.m[j]);
     int64_t t = 0;
@@ -120,24 +141,66 @@ constexpr int kLanes = 16;  // independent lanes for the max and sum reductions,
       sum += srow[t];
     }
     for (float x : lanes) sum += x;
-    if (mx != u.m[j]) {
-      const float alpha = fast_exp2(u.m[j] - mx);
-      float* arow = u.acc + j * u.dim_v;
-      for (int64_t d = 0; d < u.dim_v; ++d) arow[d] *= alpha;
-      u.l[j] *= alpha;
-      u.m[j] = mx;
-    }
-    u.l[j] += sum;
+    rescale_row(u, j, mx, sum);
   }
 }
 
 void update_rows_portable(const RunUpdate& u) { update_rows_impl(u); }
 
 #if defined(__x86_64__)
-// The same loops compiled for AVX-512 (used with the AVX-512 row loops only).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"))) void update_rows_avx512(
-    const RunUpdate& u) {
-  update_rows_impl(u);
+#define KV_UPDATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// fast_exp2 on 16 lanes, the same steps.
+KV_UPDATE_AVX512 inline __m512 fast_exp2_16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 big = _mm512_set1_ps(12582912.0f);
+  const __m512 rounded = _mm512_sub_ps(_mm512_add_ps(x, big), big);
+  const __m512 f = _mm512_sub_ps(x, rounded);
+  __m512 y = _mm512_set1_ps(1.5403530393381606e-4f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(rounded), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+
+// The same update with AVX-512 intrinsics (used with the AVX-512 row loops only). The compiler's
+// vectorization of update_rows_impl ends each row's max and sum with 16 dependent scalar steps
+// (perf, dot8 loops in cache: the update took ~14% of the time); here they are tree reductions,
+// and the sum adds its lanes in another order (f32, within the stated precision).
+KV_UPDATE_AVX512 void update_rows_avx512(const RunUpdate& u) {
+  const int64_t n = u.n;
+  const auto tail = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  for (int64_t j = 0; j < u.nrows; ++j) {
+    float* srow = u.sc + j * n;
+    cap_and_mask(u, j, srow);
+    __m512 top = _mm512_set1_ps(u.m[j]);
+    int64_t t = 0;
+    for (; t + 16 <= n; t += 16) top = _mm512_max_ps(_mm512_loadu_ps(srow + t), top);
+    if (tail != 0) top = _mm512_max_ps(_mm512_mask_loadu_ps(neg_inf, tail, srow + t), top);
+    const float mx = _mm512_reduce_max_ps(top);
+    if (mx == kNegInf) {
+      std::fill(srow, srow + n, 0.0f);
+      continue;
+    }
+    const __m512 vmx = _mm512_set1_ps(mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= n; t += 16) {
+      const __m512 p = fast_exp2_16(_mm512_sub_ps(_mm512_loadu_ps(srow + t), vmx));
+      _mm512_storeu_ps(srow + t, p);
+      sum = _mm512_add_ps(sum, p);
+    }
+    if (tail != 0) {
+      const __m512 p = fast_exp2_16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, srow + t), vmx));
+      _mm512_mask_storeu_ps(srow + t, tail, p);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
+    }
+    rescale_row(u, j, mx, _mm512_reduce_add_ps(sum));
+  }
 }
 #endif
 
