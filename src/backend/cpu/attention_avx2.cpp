@@ -287,19 +287,6 @@ KV_AVX2 void accumulate_heads(const float* p, int64_t n_total, const KVRows& v, 
   }
 }
 
-// Calls f(std::integral_constant<int, G>{}, g0) for passes of G in {kMax, ..., 2, 1} heads (powers
-// of two) covering [0, group).
-template <int kMax, class F>
-void for_each_pass(int64_t group, F&& f) {
-  int64_t g = 0;
-  for (; g + kMax <= group; g += kMax) f(std::integral_constant<int, kMax>{}, g);
-  if constexpr (kMax > 4) {
-    if (g + 4 <= group) f(std::integral_constant<int, 4>{}, std::exchange(g, g + 4));
-  }
-  if (g + 2 <= group) f(std::integral_constant<int, 2>{}, std::exchange(g, g + 2));
-  if (g < group) f(std::integral_constant<int, 1>{}, g);
-}
-
 // Calls f(L{}) with the converter of dtype (f32, f16, bf16, int8 or fp8_e4m3, as KVRows admits).
 template <class F>
 void with_loader(DType dtype, F&& f) {

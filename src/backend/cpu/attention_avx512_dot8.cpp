@@ -49,7 +49,6 @@ bool dot8_applies(DType dtype, int64_t dim) {
 namespace kvcache::cpu {
 namespace {
 
-using avx512::for_each_pass;
 using avx512::kPrefetchRows;
 using avx512::kSegmentRows;
 using avx512::prefetch_row;
@@ -57,6 +56,7 @@ using avx512::reduce16;
 using avx512::replicate_scales;
 using avx512::row_scale;
 using avx512::slot_of_lane;
+using avx512::store_score_lanes;
 
 constexpr int64_t kUnit = 64;                 // dims per step of the loops
 constexpr int64_t kMaxDim = 512;              // the largest dim dot8_applies takes
@@ -305,13 +305,7 @@ KV_DOT8 void score_pass(const D& dd, const float* q, const KVRows& k, float* s) 
     // lane g * R + r: head g, row t + r
     const __m512 sum = _mm512_mul_ps(D::to_float(reduce16<typename D::Add>(sums)),
                                      _mm512_mul_ps(q_factor, replicate_scales<R>(k, t, 1.0f)));
-    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int g = 0; g < G; ++g) {
-      const __m512 lanes =
-          g == 0 ? sum
-                 : _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(g * R)), sum);
-      _mm512_mask_storeu_ps(s + g * n + t, static_cast<__mmask16>((1u << R) - 1u), lanes);
-    }
+    store_score_lanes<G, R>(sum, s, n, t);
   }
   for (; t < n; ++t) {
     const T* row = base + t * k.stride;

@@ -3,7 +3,7 @@
 
 // What the AVX-512 attention row loops share (attention_avx512.cpp: float multiply-adds;
 // attention_avx512_dot8.cpp: dot-product instructions on 8-bit rows): prefetching rows ahead,
-// row scales, the 16-vector reduction tree of the score loops and the head passes. Every
+// row scales, the 16-vector reduction tree of the score loops and the store of its lanes. Every
 // function carries its target attribute, so including files build for any x86-64 CPU.
 
 #include <cstdint>
@@ -114,18 +114,15 @@ KV_AVX512_INLINE __m512 replicate_scales(const KVRows& rows, int64_t t, float fa
 // The reduce16 input slot whose sum lands in lane m.
 constexpr int slot_of_lane(int m) { return m / 4 + 4 * (m % 4); }
 
-// Calls f(std::integral_constant<int, G>{}, g0) for passes of G in {kMax, ..., 2, 1} heads (powers
-// of two) covering [0, group). score stops at 4 heads: its 8-head tile holds only 2 rows per
-// reduction and measured slower than two 4-head passes.
-template <int kMax, class F>
-void for_each_pass(int64_t group, F&& f) {
-  int64_t g = 0;
-  for (; g + kMax <= group; g += kMax) f(std::integral_constant<int, kMax>{}, g);
-  if constexpr (kMax > 4) {
-    if (g + 4 <= group) f(std::integral_constant<int, 4>{}, std::exchange(g, g + 4));
+// Spreads a score sum whose lane g * R + r holds head g, row t + r into s[g * n + t + r].
+template <int G, int R>
+KV_AVX512_INLINE void store_score_lanes(__m512 sum, float* s, int64_t n, int64_t t) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < G; ++g) {
+    const __m512 lanes =
+        g == 0 ? sum : _mm512_permutexvar_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(g * R)), sum);
+    _mm512_mask_storeu_ps(s + g * n + t, static_cast<__mmask16>((1u << R) - 1u), lanes);
   }
-  if (g + 2 <= group) f(std::integral_constant<int, 2>{}, std::exchange(g, g + 2));
-  if (g < group) f(std::integral_constant<int, 1>{}, g);
 }
 
 }  // namespace kvcache::cpu::avx512

@@ -9,10 +9,27 @@
 // `scale_stride` floats apart (scales == nullptr for unquantized storage).
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "kvcache/dtype.h"
 
 namespace kvcache::cpu {
+
+// Calls f(std::integral_constant<int, G>{}, g0) for passes of G in {kMax, ..., 2, 1} heads (powers
+// of two) covering [0, group): the row loops' head tiles. (The score loops stop at 4 heads: an
+// 8-head tile of AVX-512 holds only 2 rows per reduction and measured slower than two 4-head
+// passes.)
+template <int kMax, class F>
+void for_each_pass(int64_t group, F&& f) {
+  int64_t g = 0;
+  for (; g + kMax <= group; g += kMax) f(std::integral_constant<int, kMax>{}, g);
+  if constexpr (kMax > 4) {
+    if (g + 4 <= group) f(std::integral_constant<int, 4>{}, std::exchange(g, g + 4));
+  }
+  if (g + 2 <= group) f(std::integral_constant<int, 2>{}, std::exchange(g, g + 2));
+  if (g < group) f(std::integral_constant<int, 1>{}, g);
+}
 
 struct KVRows {
   const void* data = nullptr;  // row 0

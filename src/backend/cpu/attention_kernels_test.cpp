@@ -111,6 +111,17 @@ std::vector<float> random_floats(size_t n, float lo, float hi, std::mt19937& rng
   return v;
 }
 
+// The first element of got from index `from` on whose bits are not poison_bits (a written guard),
+// or -1.
+int64_t first_written_guard(const std::vector<float>& got, size_t from, uint32_t poison_bits) {
+  for (size_t i = from; i < got.size(); ++i) {
+    uint32_t bits = 0;
+    std::memcpy(&bits, &got[i], 4);
+    if (bits != poison_bits) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 // The first output index outside |got - want| <= (terms + 4) * 2^-23 * mag, or -1; guards after
 // `count` must keep their poison bits.
 int64_t first_mismatch(const std::vector<float>& got, const std::vector<double>& want,
@@ -119,12 +130,7 @@ int64_t first_mismatch(const std::vector<float>& got, const std::vector<double>&
     const double tol = static_cast<double>(terms + 4) * 0x1p-23 * mag[i];
     if (!(std::fabs(static_cast<double>(got[i]) - want[i]) <= tol)) return static_cast<int64_t>(i);
   }
-  for (size_t i = want.size(); i < got.size(); ++i) {
-    uint32_t bits = 0;
-    std::memcpy(&bits, &got[i], 4);
-    if (bits != poison_bits) return static_cast<int64_t>(i);
-  }
-  return -1;
+  return first_written_guard(got, want.size(), poison_bits);
 }
 
 struct Case {
@@ -351,11 +357,7 @@ TEST_F(AttentionDot8Rows, ScoreMatchesFloat64WithinStatedRounding) {
       ASSERT_LE(std::fabs(static_cast<double>(s[i]) - want[i]), tol[i])
           << "s[" << i << "] = " << s[i] << ", want " << want[i];
     }
-    for (size_t i = n_out; i < s.size(); ++i) {
-      uint32_t bits = 0;
-      std::memcpy(&bits, &s[i], 4);
-      ASSERT_EQ(bits, poison) << "guard s[" << i << "] written";
-    }
+    ASSERT_EQ(first_written_guard(s, n_out, poison), -1) << "a guard after s was written";
   });
 }
 
@@ -406,11 +408,7 @@ TEST_F(AttentionDot8Rows, AccumulateMatchesFloat64WithinStatedRounding) {
       ASSERT_LE(std::fabs(static_cast<double>(acc[i]) - want[i]), tol[i])
           << "acc[" << i << "] = " << acc[i] << ", want " << want[i];
     }
-    for (size_t i = n_acc; i < acc.size(); ++i) {
-      uint32_t bits = 0;
-      std::memcpy(&bits, &acc[i], 4);
-      ASSERT_EQ(bits, poison_bits) << "guard acc[" << i << "] written";
-    }
+    ASSERT_EQ(first_written_guard(acc, n_acc, poison_bits), -1) << "a guard after acc was written";
   });
 }
 
