@@ -366,15 +366,24 @@ Result<Case> rope_shift_case(Stream stream, int64_t tokens, DType dtype) {
   return c;
 }
 
-// Median microseconds of `repeats` calls after two warm-up calls.
-Result<double> time_case(const Case& c, int64_t repeats) {
-  std::vector<double> us;
+struct Timing {
+  double us = 0;     // median microseconds per call
+  double bound = 0;  // median bound of the passes before each call, GB/s
+};
+
+// `repeats` calls after two warm-up calls, each call right after one pass of the case's bound
+// over the probe's buffer (which also evicts the caches, as a decode step finds them).
+Result<Timing> time_case(const Case& c, int64_t repeats, BandwidthProbe& probe) {
+  std::vector<double> us, bounds;
   for (int64_t i = 0; i < repeats + 2; ++i) {
+    const double bound = c.bound == Bound::read ? probe.read_gbps() : probe.copy_gbps();
     const auto t0 = Clock::now();
     if (Status s = c.call(); !s.ok()) return s;
-    if (i >= 2) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    if (i < 2) continue;
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    bounds.push_back(bound);
   }
-  return median(us);
+  return Timing{median(us), median(bounds)};
 }
 
 }  // namespace
@@ -400,8 +409,8 @@ Result<Report> run_ops_bench(const OpsBenchOptions& options) {
 
   BandwidthOptions bw_options;
   if (options.quick) bw_options.bytes = int64_t{16} << 20;
-  Result<Bandwidth> bw = measure_bandwidth(pool, bw_options);
-  if (!bw.ok()) return bw.status();
+  Result<BandwidthProbe> probe = BandwidthProbe::create(pool, bw_options);
+  if (!probe.ok()) return probe.status();
 
   std::vector<std::function<Result<Case>()>> cases;
   const std::vector<int64_t> contexts =
@@ -442,11 +451,11 @@ Result<Report> run_ops_bench(const OpsBenchOptions& options) {
     Result<Case> c = make();
     if (!c.ok()) return c.status();
     if (!case_selected(options, c->op, c->shape, c->dtype)) continue;
-    Result<double> us = time_case(*c, options.repeats);
-    if (!us.ok()) return us.status();
-    const double gbps = c->bytes / (*us * 1e-6) * 1e-9;
-    const double bound = c->bound == Bound::read ? bw->read_gbps : bw->copy_gbps;
-    report.add_row({c->op, c->shape, c->dtype, c->sku, std::string("wall"), *us, gbps, bound,
+    Result<Timing> t = time_case(*c, options.repeats, *probe);
+    if (!t.ok()) return t.status();
+    const double us = t->us, bound = t->bound;
+    const double gbps = c->bytes / (us * 1e-6) * 1e-9;
+    report.add_row({c->op, c->shape, c->dtype, c->sku, std::string("wall"), us, gbps, bound,
                     std::string(c->bound == Bound::read ? "read" : "copy"), gbps / bound});
   }
   return report;

@@ -2,10 +2,11 @@
 #pragma once
 
 // `kvcache bench ops`: every op over a fixed matrix of shapes and dtypes (Llama-3-8B heads: 32 q /
-// 8 kv, head_dim 128; pages of 16), timed on this machine and set against a bound measured in the
-// same run: the read bandwidth for attention (K/V read once), the copy bandwidth (read + write)
-// for appends, writes and copies. Rows: op, shape, dtype, sku, median_us, gbps, bound_gbps,
-// bound_kind, fraction (docs/CLI.md).
+// 8 kv, head_dim 128; pages of 16), timed on this machine and set against a bound measured
+// between its calls (one pass before each call; the median of those passes): the read bandwidth
+// for attention (K/V read once), the copy bandwidth (read + write) for appends, writes and copies.
+// Rows: op, shape, dtype, sku, timing, median_us, gbps, bound_gbps, bound_kind, fraction
+// (docs/CLI.md).
 
 #include <cstdint>
 #include <string>
@@ -19,7 +20,7 @@ namespace kvcache::bench {
 
 struct OpsBenchOptions {
   Device device = Device::cpu();
-  int64_t repeats = 10;  // timed calls per case (after 2 untimed warm-up calls)
+  int64_t repeats = 10;  // timed calls per case (after 2 warm-up calls), each after a bound pass
   int threads = 0;       // CPU threads; 0: every core
   bool quick = false;    // small shapes only (a smoke test of every case, seconds)
   std::string filter;    // only the cases whose op, shape or dtype contains it (empty: all)
