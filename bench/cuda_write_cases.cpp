@@ -3,8 +3,9 @@
 // head_dim 128), pages of 16 (NHD). paged_append and qkv_rope_write write one token for each of
 // 1 / 16 / 64 / 256 sequences (the decode step, whose target is per-call latency in a graph) and a
 // 4096-token chunk (bandwidth), into bf16, int8 and fp8 pools; kv_append appends a bf16 chunk;
-// copy_pages copies 256 pages. Bytes counted: inputs read once + outputs written once (scales
-// included; index arrays and RoPE tables left out), against the copy bound.
+// copy_pages copies 256 pages; rope_shift re-rotates the K of a 4096-token sequence in place. Bytes
+// counted: inputs read once + outputs written once (scales included; index arrays and RoPE tables
+// left out), against the copy bound.
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
@@ -18,6 +19,7 @@
 #include "kvcache/kv_append.h"
 #include "kvcache/paged_append.h"
 #include "kvcache/qkv_rope_write.h"
+#include "kvcache/rope_shift.h"
 
 #include "bench/cuda_arena.h"
 #include "bench/cuda_cases.h"
@@ -274,6 +276,38 @@ Result<CudaCase> copy_pages_case(const CudaCaseOptions& o, int64_t copies, DType
                    *plan, o.stream, args, arena);
 }
 
+// The context shift of one sequence: K of all its `tokens` positions rotated by -1 in place (each
+// call shifts again; rotations keep the values' size). Bytes: K and its scales read and written.
+Result<CudaCase> rope_shift_case(const CudaCaseOptions& o, int64_t tokens, DType storage) {
+  auto arena = std::make_shared<DeviceArena>(o.stream);
+  const Placement place = chunk_placement(tokens);
+  RopeShiftDesc desc;
+  desc.kv = {kKVHeads, kHeadDim, 0, storage, storage};
+  desc.pages = PageFormat{place.num_pages, kPageSize, PageLayout::nhd};
+  desc.rope.base = 500000.0;
+  desc.rope.max_position = 8192;
+  Result<RopeShiftPlan> plan = RopeShiftPlan::select(desc, o.stream.device);
+  if (!plan.ok()) return plan.status();
+  RopeShiftArgs args;
+  Result<PagedKV> pools = random_pools(*arena, storage, place.num_pages);
+  if (!pools.ok()) return pools.status();
+  args.kv = *pools;
+  const auto n = static_cast<int32_t>(tokens);
+  const std::vector<int32_t> zero = {0}, end = {n}, delta = {-1};
+  for (auto [to, from] :
+       {std::pair{&args.p0, &zero}, std::pair{&args.p1, &end}, std::pair{&args.delta, &delta},
+        std::pair{&args.seq_lens, &end}, std::pair{&args.table.indptr, &place.indptr},
+        std::pair{&args.table.indices, &place.indices}}) {
+    Result<std::span<const int32_t>> d = arena->copy(*from);
+    if (!d.ok()) return d.status();
+    *to = *d;
+  }
+  const double bytes =
+      static_cast<double>(tokens) * stored_token_bytes(storage);  // K: read + write
+  return make_case("rope_shift", std::to_string(tokens) + " tokens 8kv nhd16", name(storage), bytes,
+                   *plan, o.stream, args, arena);
+}
+
 }  // namespace
 
 std::vector<CudaCaseBuilder> cuda_write_cases(const CudaCaseOptions& options) {
@@ -284,6 +318,7 @@ std::vector<CudaCaseBuilder> cuda_write_cases(const CudaCaseOptions& options) {
     b.push_back([o] { return paged_append_case(o, 16, 16, DType::int8, true); });
     b.push_back([o] { return qkv_rope_write_case(o, 16, 16, DType::bf16, true); });
     b.push_back([o] { return copy_pages_case(o, 16, DType::bf16); });
+    b.push_back([o] { return rope_shift_case(o, 256, DType::bf16); });
     return b;
   }
   b.push_back([o] { return kv_append_case(o, 1, 4096); });
@@ -307,6 +342,9 @@ std::vector<CudaCaseBuilder> cuda_write_cases(const CudaCaseOptions& options) {
   b.push_back([o] { return qkv_rope_write_case(o, 1, 4096, DType::bf16, true); });
   for (DType storage : {DType::bf16, DType::int8}) {
     b.push_back([o, storage] { return copy_pages_case(o, 256, storage); });
+  }
+  for (DType storage : {DType::bf16, DType::int8}) {
+    b.push_back([o, storage] { return rope_shift_case(o, 4096, storage); });
   }
   return b;
 }

@@ -125,7 +125,8 @@ class KVCACHE_API DecodeAttentionPlan {
  public:
   // Intentionally copyable.
   // invalid_argument: desc malformed or unsupported (the message lists the supported set; CUDA
-  // supports head_dim == head_dim_v in {16, 32, 64, 128, 256} and k_dtype == v_dtype);
+  // supports head_dim == head_dim_v in {16, 32, 64, 128, 256} and K, V each f32, f16, bf16,
+  // int8 or fp8_e4m3; K != V runs on CUDA cores, sku cuda.sm90.simt);
   // unavailable: a GPU this build or machine lacks, or a forced isa this CPU lacks / whose
   // self-test failed. CPU best: avx512, else avx2, else portable; isa is ignored for CUDA. An
   // avx512 plan with int8 / fp8 K or V (head dims a multiple of 64, <= 512) reads those rows with

@@ -5,8 +5,9 @@
 // it. Defined in backend/cuda (CUDA builds) or backend/no_cuda (every call returns unavailable).
 // No CUDA types here: src/ops is compiled by the host compiler.
 //
-// Two kernels serve both ops: "mma" (tensor cores; bf16, f16, int8, fp8_e4m3 K/V, head_dim 64,
-// 128, 256, 8-bit from 128) and "simt" (CUDA cores; every supported dtype and head_dim). A work
+// Two kernels serve both ops: "mma" (tensor cores; K and V of one type among bf16, f16, int8,
+// fp8_e4m3, head_dim 64, 128, 256, 8-bit from 128) and "simt" (CUDA cores; every supported dtype
+// and head_dim, K and V of any two supported types). A work
 // item is (query row, kv head, sub-group of the kv head's query heads: up to 16 for mma, 8 for
 // simt, chunk of chunk_size keys); its CTA reads the chunk's K/V rows once for all query heads
 // of the sub-group. A row whose keys span several chunks is merged by the last of its
@@ -56,7 +57,8 @@ struct CudaAttentionParams {
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;  // of K and V (equal on CUDA)
   // --- K/V ---
-  DType kv_dtype = DType::bf16;  // K and V (equal on CUDA)
+  DType k_dtype = DType::bf16;
+  DType v_dtype = DType::bf16;  // != k_dtype only with the CUDA-core kernel (mma false)
   CudaKVSide k, v;
   bool paged = false;
   int64_t page_size = 0;
@@ -89,7 +91,8 @@ struct CudaAttentionParams {
   int64_t max_q_blocks = 0;
 };
 
-// Whether the CUDA kernel supports these: head_dim in kHeadDims, K dtype == V dtype in kKVDTypes.
+// Whether the CUDA kernel supports these: head_dim in kHeadDims, K and V dtypes (each
+// independently) in kKVDTypes.
 inline constexpr int64_t kCudaAttentionHeadDims[] = {16, 32, 64, 128, 256};
 inline constexpr DType kCudaAttentionKVDTypes[] = {DType::f32, DType::f16, DType::bf16, DType::int8,
                                                    DType::fp8_e4m3};
@@ -97,9 +100,11 @@ inline constexpr DType kCudaAttentionKVDTypes[] = {DType::f32, DType::f16, DType
 // The most chunks one row may be split into.
 inline constexpr int64_t kCudaAttentionMaxChunks = 64;
 
-// Whether the tensor-core kernel serves this K/V dtype (== for K and V) and head_dim.
-[[nodiscard]] inline bool cuda_attention_has_mma(DType kv_dtype, int64_t head_dim) {
-  switch (kv_dtype) {
+// Whether the tensor-core kernel serves these K and V dtypes and head_dim: K and V of one type
+// (mixed pairs run on CUDA cores).
+[[nodiscard]] inline bool cuda_attention_has_mma(DType k_dtype, DType v_dtype, int64_t head_dim) {
+  if (k_dtype != v_dtype) return false;
+  switch (k_dtype) {
     case DType::f16:
     case DType::bf16:
       return head_dim == 64 || head_dim == 128 || head_dim == 256;
@@ -145,8 +150,9 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream);
 
 // The CTAs of the chosen kernel one multiprocessor of `device` holds at once (the schedule sizes
 // its waves by it). internal on a CUDA error, unavailable without that GPU.
-[[nodiscard]] Result<int> cuda_attention_ctas_per_sm(Device device, bool mma, DType kv_dtype,
-                                                     int64_t head_dim, int64_t group);
+[[nodiscard]] Result<int> cuda_attention_ctas_per_sm(Device device, bool mma, DType k_dtype,
+                                                     DType v_dtype, int64_t head_dim,
+                                                     int64_t group);
 
 // The GPU's error record (device/errors.cuh), allocated on first use: select() fetches it, so that
 // run() never allocates. unavailable without that GPU.

@@ -1,7 +1,8 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
 #pragma once
 
-// The CUDA backend of the write ops (kv_append, paged_append, copy_pages, qkv_rope_write), as the
+// The CUDA backend of the write ops (kv_append, paged_append, copy_pages, qkv_rope_write,
+// rope_shift), as the
 // plans in src/ops call it, and its support tables (read by the plans' select / can_implement, by
 // the launchers' dispatch and by the GPU tests). Defined in backend/cuda (CUDA builds) or
 // backend/no_cuda (every call returns unavailable). No CUDA types here: src/ops is compiled by the
@@ -168,9 +169,10 @@ Status cuda_copy_pages(const CudaCopyPagesParams& p, const Stream& stream);
 
 // --- qkv_rope_write ---
 
-// A RoPE table on one GPU: cos and sin [max_position, num_freqs] already multiplied by the
-// attention factor in float, the very floats the CPU kernels use. Immutable; the device memory is
-// freed with the last holder. Plans of one configuration on one GPU share it.
+// A RoPE table on one GPU: cos and sin [max_position, num_freqs], the very floats the CPU kernels
+// use: multiplied by the attention factor in float (qkv_rope_write rotates raw K), or not
+// (rope_shift re-rotates K that already carries it). Immutable; the device memory is freed with
+// the last holder. Plans of one configuration, kind and GPU share it.
 struct CudaRopeTable {
   Device device;
   const float* cos = nullptr;
@@ -179,11 +181,12 @@ struct CudaRopeTable {
   int64_t num_freqs = 0;
 };
 
-// The table of `table` on `device`: uploaded at the first request (select() time: allocates and
-// copies synchronously), shared while a holder lives. resource_exhausted / unavailable / internal
-// from the runtime, naming op.
+// The table of `table` on `device`, times the attention factor when with_attention_factor:
+// uploaded at the first request (select() time: allocates and copies synchronously), shared while
+// a holder lives. resource_exhausted / unavailable / internal from the runtime, naming op.
 [[nodiscard]] Result<std::shared_ptr<const CudaRopeTable>> cuda_rope_table(
-    std::shared_ptr<const ops::RopeTable> table, Device device, std::string_view op);
+    std::shared_ptr<const ops::RopeTable> table, Device device, std::string_view op,
+    bool with_attention_factor);
 
 struct CudaQkvRopeWriteParams {
   int64_t num_tokens = 0;
@@ -213,5 +216,37 @@ struct CudaQkvRopeWriteParams {
 
 Status cuda_qkv_rope_write(const CudaQkvRopeWriteParams& p, const CudaRopeTable& table,
                            const Stream& stream);
+
+// --- rope_shift ---
+
+// The longest K row the kernel takes (a warp stages one in shared memory).
+inline constexpr int64_t kCudaRopeShiftMaxHeadDim = 1024;
+
+struct CudaRopeShiftParams {
+  int64_t batch = 0;
+  int64_t num_kv_heads = 0;
+  bool gptj = false;  // pairs (2i, 2i + 1); else neox (i, i + num_freqs)
+  // K (f32, f16, bf16, int8, fp8_e4m3; dim = head_dim <= kCudaRopeShiftMaxHeadDim) and its
+  // scales. Contiguous caches: page = sequence, slot = token.
+  CudaPoolSide k;
+  bool paged = false;
+  int64_t page_size = 1;
+  int64_t num_pages = 0;
+  const int32_t* indptr = nullptr;   // paged: [batch + 1], device
+  const int32_t* indices = nullptr;  // paged: [num_indices], device
+  int64_t num_indices = 0;
+  int64_t capacity = 0;  // contiguous: tokens per sequence
+  // [batch] each, device: sequence b rotates tokens [p0[b], p1[b]) by delta[b].
+  const int32_t* p0 = nullptr;
+  const int32_t* p1 = nullptr;
+  const int32_t* delta = nullptr;
+  const int32_t* seq_lens = nullptr;
+  void* errors = nullptr;
+};
+
+// table: without the attention factor. A sequence with a bad entry (length, range, delta, page
+// list) is left unchanged and counted in the error record.
+Status cuda_rope_shift(const CudaRopeShiftParams& p, const CudaRopeTable& table,
+                       const Stream& stream);
 
 }  // namespace kvcache::backend

@@ -419,9 +419,9 @@ Precision plan_precision(const detail::AttentionPlanState& plan) {
              name(o) + " output rounding; vs the reference on the stored K/V";
     return p;
   }
-  p.note = std::string(
-               "f32 logits/softmax/accumulation (abs_tol for |q|,|k|,|v| <= 1; it scales "
-               "with max |v|) + ") +
+  p.note = std::string(plan.device.is_cpu() ? "" : "CUDA cores (any K / V dtype pair): ") +
+           "f32 logits/softmax/accumulation (abs_tol for |q|,|k|,|v| <= 1; it scales with max "
+           "|v|) + " +
            name(o) + " output rounding; vs the reference on the stored K/V";
   return p;
 }

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "backend/cuda_attention_ops.h"
@@ -153,13 +154,14 @@ Result<detail::AttentionPlanState> cuda_attention_state(const AttentionDesc& des
                                     " has no CUDA kernel, expected head_dim == head_dim_v in "
                                     "{16, 32, 64, 128, 256}");
   }
-  bool dtype_ok = false;
-  for (DType t : backend::kCudaAttentionKVDTypes) dtype_ok = dtype_ok || t == kv.k_dtype;
-  if (!dtype_ok || kv.v_dtype != kv.k_dtype) {
-    return Status::invalid_argument(op + ": K/V dtypes " + name(kv.k_dtype) + " / " +
-                                    name(kv.v_dtype) +
-                                    " have no CUDA kernel, expected k_dtype == v_dtype in {f32, "
-                                    "f16, bf16, int8, fp8_e4m3}");
+  for (auto [label, dtype] : {std::pair{"k_dtype", kv.k_dtype}, std::pair{"v_dtype", kv.v_dtype}}) {
+    bool dtype_ok = false;
+    for (DType t : backend::kCudaAttentionKVDTypes) dtype_ok = dtype_ok || t == dtype;
+    if (!dtype_ok) {
+      return Status::invalid_argument(op + ": " + label + " " + name(dtype) +
+                                      " has no CUDA kernel, expected one of f32, f16, bf16, "
+                                      "int8, fp8_e4m3 (K and V chosen independently)");
+    }
   }
   Result<void*> errors = backend::cuda_error_record(device);
   if (!errors.ok()) return errors.status();
@@ -170,9 +172,9 @@ Result<detail::AttentionPlanState> cuda_attention_state(const AttentionDesc& des
   st.device = device;
   st.errors = *errors;
   st.num_sms = *sms;
-  st.mma = backend::cuda_attention_has_mma(kv.k_dtype, kv.head_dim);
-  Result<int> ctas = backend::cuda_attention_ctas_per_sm(device, st.mma, kv.k_dtype, kv.head_dim,
-                                                         desc.num_q_heads / kv.num_kv_heads);
+  st.mma = backend::cuda_attention_has_mma(kv.k_dtype, kv.v_dtype, kv.head_dim);
+  Result<int> ctas = backend::cuda_attention_ctas_per_sm(
+      device, st.mma, kv.k_dtype, kv.v_dtype, kv.head_dim, desc.num_q_heads / kv.num_kv_heads);
   if (!ctas.ok()) return ctas.status();
   st.ctas_per_sm = *ctas;
   const int64_t rows = max_rows(st);
@@ -290,18 +292,18 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
   p.num_q_heads = d.num_q_heads;
   p.num_kv_heads = d.kv.num_kv_heads;
   p.head_dim = d.kv.head_dim;
-  p.kv_dtype = d.kv.k_dtype;
-  const bool quantized = is_quantized(d.kv.k_dtype);
+  p.k_dtype = d.kv.k_dtype;
+  p.v_dtype = d.kv.v_dtype;
   if (d.pages) {
     const PoolStrides data = pool_strides(*d.pages, d.kv.num_kv_heads, d.kv.head_dim);
     const PoolStrides scales = pool_strides(*d.pages, d.kv.num_kv_heads, 1);
-    const auto side = [&](const TensorView& pool, const TensorView& s) {
+    const auto side = [&](const TensorView& pool, const TensorView& s, DType dtype) {
       backend::CudaKVSide out;
       out.base = static_cast<const std::byte*>(pool.data);
       out.page_stride = data.page;
       out.slot_stride = data.slot;
       out.head_stride = data.head;
-      if (quantized) {
+      if (is_quantized(dtype)) {
         out.scales = s.data_as<const float>();
         out.scale_page_stride = scales.page;
         out.scale_slot_stride = scales.slot;
@@ -309,8 +311,8 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
       }
       return out;
     };
-    p.k = side(args.paged.k_pages, args.paged.k_scales);
-    p.v = side(args.paged.v_pages, args.paged.v_scales);
+    p.k = side(args.paged.k_pages, args.paged.k_scales, d.kv.k_dtype);
+    p.v = side(args.paged.v_pages, args.paged.v_scales, d.kv.v_dtype);
     p.paged = true;
     p.page_size = d.pages->page_size;
     p.num_pages = d.pages->num_pages;
@@ -318,13 +320,13 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
     p.indices = args.page_table.indices.data();
     p.num_indices = static_cast<int64_t>(args.page_table.indices.size());
   } else {
-    const auto side = [&](const TensorView& t, const TensorView& s) {
+    const auto side = [&](const TensorView& t, const TensorView& s, DType dtype) {
       backend::CudaKVSide out;
       out.base = static_cast<const std::byte*>(t.data);
       out.page_stride = t.strides[0];
       out.head_stride = t.strides[1];
       out.slot_stride = t.strides[2];
-      if (quantized) {
+      if (is_quantized(dtype)) {
         out.scales = s.data_as<const float>();
         out.scale_page_stride = s.strides[0];
         out.scale_head_stride = s.strides[1];
@@ -332,8 +334,8 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
       }
       return out;
     };
-    p.k = side(args.contiguous.k, args.contiguous.k_scales);
-    p.v = side(args.contiguous.v, args.contiguous.v_scales);
+    p.k = side(args.contiguous.k, args.contiguous.k_scales, d.kv.k_dtype);
+    p.v = side(args.contiguous.v, args.contiguous.v_scales, d.kv.v_dtype);
     p.capacity = args.contiguous.k.shape[2];
   }
   p.seq_lens = args.seq_lens.data();

@@ -12,7 +12,8 @@
 namespace kvcache::ops {
 
 // The plan state for a GPU: the support table (head_dim == head_dim_v in
-// backend::kCudaAttentionHeadDims, k_dtype == v_dtype in kCudaAttentionKVDTypes), the device
+// backend::kCudaAttentionHeadDims, k_dtype and v_dtype each in kCudaAttentionKVDTypes; the
+// tensor-core kernel when cuda_attention_has_mma, else the CUDA-core one), the device
 // error record, the multiprocessor count, the workspace capacity and the default schedule.
 // REQUIRES: the descriptor passed the shared checks.
 [[nodiscard]] Result<detail::AttentionPlanState> cuda_attention_state(const AttentionDesc& desc,

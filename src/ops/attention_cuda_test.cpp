@@ -1,12 +1,13 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
 // The CUDA attention schedule (host code: runs without a GPU) on plan states like an H100's:
 // chunks cover every row, respect the workspace and the chunk limit, split long rows of ragged
-// batches, and fill the GPU for few long sequences.
+// batches, and fill the GPU for few long sequences; which kernel serves which K / V dtype pair.
 #include "ops/attention_cuda.h"
 
 #include <algorithm>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -136,6 +137,22 @@ TEST(CudaAttentionSchedule, BalancedDecodeIsOneWaveWithinTheLimits) {
   EXPECT_EQ(ops::cuda_attention_schedule(plan, std::vector<int64_t>{32768}, 1).balanced_ctas, 62);
   plan.extend = true;
   EXPECT_EQ(ops::cuda_attention_schedule(plan, std::vector<int64_t>{32768}, 1).balanced_ctas, 0);
+}
+
+// The tensor cores serve equal K and V types only; every pair of different types goes to the
+// CUDA-core kernel, whatever the head_dim.
+TEST(CudaAttentionKernels, MixedKVDTypesGoToCudaCores) {
+  for (DType k : backend::kCudaAttentionKVDTypes) {
+    for (DType v : backend::kCudaAttentionKVDTypes) {
+      for (int64_t dim : backend::kCudaAttentionHeadDims) {
+        SCOPED_TRACE(std::string(name(k)) + " / " + name(v) + " dim " + std::to_string(dim));
+        bool want = false;  // mixed pairs and f32: CUDA cores
+        if (k == v && (k == DType::bf16 || k == DType::f16)) want = dim >= 64;
+        if (k == v && is_quantized(k)) want = dim >= 128;
+        EXPECT_EQ(backend::cuda_attention_has_mma(k, v, dim), want);
+      }
+    }
+  }
 }
 
 }  // namespace

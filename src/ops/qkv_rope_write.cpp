@@ -130,20 +130,15 @@ Result<QkvRopeWritePlan> QkvRopeWritePlan::select_cuda(const QkvRopeWriteDesc& d
       return bad(std::string(what) + " " + name(d) + " has no CUDA kernel");
     }
   }
-  Result<void*> errors = backend::cuda_write_error_record(device, kOp);
-  if (!errors.ok()) return errors.status();
-  Result<std::shared_ptr<const ops::RopeTable>> table =
-      ops::acquire_rope_table(desc.rope, rotary_dim);
-  if (!table.ok()) return table.status();
-  Result<std::shared_ptr<const backend::CudaRopeTable>> uploaded =
-      backend::cuda_rope_table(*table, device, kOp);
-  if (!uploaded.ok()) return uploaded.status();
+  Result<ops::CudaRopePlanParts> parts =
+      ops::acquire_cuda_rope(desc.rope, rotary_dim, device, kOp, /*with_attention_factor=*/true);
+  if (!parts.ok()) return parts.status();
   QkvRopeWritePlan plan;
   plan.desc_ = desc;
-  plan.table_ = std::move(*table);
+  plan.table_ = std::move(parts->table);
   plan.device_ = device;
-  plan.errors_ = *errors;
-  plan.cuda_table_ = std::move(*uploaded);
+  plan.errors_ = parts->errors;
+  plan.cuda_table_ = std::move(parts->cuda_table);
   return plan;
 }
 

@@ -12,6 +12,7 @@
 #include <numbers>
 #include <string>
 
+#include "backend/cuda_write_ops.h"
 #include "ops/rope_table.h"
 
 namespace kvcache {
@@ -325,6 +326,23 @@ Result<std::shared_ptr<const RopeTable>> acquire_rope_table(const RopeConfig& co
   cache.bytes += table->bytes();
   evict_over_budget(cache);
   return table;
+}
+
+Result<CudaRopePlanParts> acquire_cuda_rope(const RopeConfig& config, int64_t rotary_dim,
+                                            Device device, std::string_view op,
+                                            bool with_attention_factor) {
+  CudaRopePlanParts parts;
+  Result<void*> errors = backend::cuda_write_error_record(device, op);
+  if (!errors.ok()) return errors.status();
+  parts.errors = *errors;
+  Result<std::shared_ptr<const RopeTable>> table = acquire_rope_table(config, rotary_dim);
+  if (!table.ok()) return table.status();
+  parts.table = *table;
+  Result<std::shared_ptr<const backend::CudaRopeTable>> uploaded =
+      backend::cuda_rope_table(std::move(*table), device, op, with_attention_factor);
+  if (!uploaded.ok()) return uploaded.status();
+  parts.cuda_table = std::move(*uploaded);
+  return parts;
 }
 
 Status check_rope_positions(const RopeConfig& config, std::span<const int32_t> positions,

@@ -1,5 +1,6 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
-// rope_shift: select / can_implement / run plumbing; the kernel is in backend/cpu.
+// rope_shift: select / can_implement / run plumbing; the kernels are in backend/cpu and
+// backend/cuda (rope_shift.cu).
 
 #include "kvcache/rope_shift.h"
 
@@ -7,6 +8,7 @@
 #include <string>
 
 #include "backend/cpu/rope_kernels.h"
+#include "backend/cuda_write_ops.h"
 #include "ops/paged_checks.h"
 #include "ops/rope_table.h"
 
@@ -14,6 +16,10 @@ namespace kvcache {
 namespace {
 
 constexpr std::string_view kOp = "rope_shift";
+
+// Every descriptor check_kv_format accepts has a CUDA kernel: the storage dtypes are
+// backend::kCudaStorageTypes and head_dim is bounded by the CPU's limit.
+static_assert(backend::kCudaRopeShiftMaxHeadDim >= cpu::kRopeMaxHeadDim);
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -55,10 +61,6 @@ Status check_range(const RopeShiftArgs& a, size_t b, int64_t max_position) {
 }  // namespace
 
 Result<RopeShiftPlan> RopeShiftPlan::select(const RopeShiftDesc& desc, Device device, CpuIsa isa) {
-  if (!device.is_cpu()) {
-    return Status::unavailable(std::string(kOp) + ": device is " + to_string(device) +
-                               ", expected cpu (the CUDA backend is not built yet)");
-  }
   if (Status s = check_kv_format(desc.kv, kOp); !s.ok()) return s;
   if (desc.pages) {
     if (Status s = check_paged_kv_desc(PagedKVDesc{desc.kv, *desc.pages}, kOp); !s.ok()) return s;
@@ -68,6 +70,8 @@ Result<RopeShiftPlan> RopeShiftPlan::select(const RopeShiftDesc& desc, Device de
                ", expected <= " + str(cpu::kRopeMaxHeadDim));
   }
   if (Status s = check_rope_config(desc.rope, desc.kv.head_dim, kOp); !s.ok()) return s;
+  const int64_t rotary_dim = desc.rope.rotary_dim_for(desc.kv.head_dim);
+  if (!device.is_cpu()) return select_cuda(desc, device, rotary_dim);
   const cpu::RopeKernels* kernels = cpu::rope_kernels(isa);
   if (kernels == nullptr) {
     return Status::unavailable(std::string(kOp) + ": isa " + name(isa) +
@@ -75,7 +79,6 @@ Result<RopeShiftPlan> RopeShiftPlan::select(const RopeShiftDesc& desc, Device de
                                "the op has no such path), expected one of best, portable" +
                                (cpu::rope_kernels(CpuIsa::avx512) ? ", avx512" : ""));
   }
-  const int64_t rotary_dim = desc.rope.rotary_dim_for(desc.kv.head_dim);
   Result<std::shared_ptr<const ops::RopeTable>> table =
       ops::acquire_rope_table(desc.rope, rotary_dim);
   if (!table.ok()) return table.status();
@@ -83,6 +86,21 @@ Result<RopeShiftPlan> RopeShiftPlan::select(const RopeShiftDesc& desc, Device de
   plan.desc_ = desc;
   plan.isa_ = kernels->isa;
   plan.table_ = std::move(*table);
+  return plan;
+}
+
+Result<RopeShiftPlan> RopeShiftPlan::select_cuda(const RopeShiftDesc& desc, Device device,
+                                                 int64_t rotary_dim) {
+  // K already carries the attention factor: the shift is the pure rotation.
+  Result<ops::CudaRopePlanParts> parts =
+      ops::acquire_cuda_rope(desc.rope, rotary_dim, device, kOp, /*with_attention_factor=*/false);
+  if (!parts.ok()) return parts.status();
+  RopeShiftPlan plan;
+  plan.desc_ = desc;
+  plan.table_ = std::move(parts->table);
+  plan.device_ = device;
+  plan.errors_ = parts->errors;
+  plan.cuda_table_ = std::move(parts->cuda_table);
   return plan;
 }
 
@@ -95,7 +113,11 @@ Status RopeShiftPlan::can_implement(const RopeShiftArgs& a) const {
                  " entries, expected batch = " + str(batch) + " (as p0)");
     }
   }
-  for (int64_t b = 0; b < batch; ++b) {
+  const bool gpu = on_gpu();
+  if (gpu && batch > backend::kCudaMaxElements) {
+    return bad("batch is " + str(batch) + ", expected at most 2^31 - 1 sequences per call on CUDA");
+  }
+  for (int64_t b = 0; b < batch && !gpu; ++b) {
     if (a.seq_lens[static_cast<size_t>(b)] < 0) {
       return bad("seq_lens[" + str(b) + "] is " + str(a.seq_lens[static_cast<size_t>(b)]) +
                  ", expected >= 0");
@@ -104,17 +126,18 @@ Status RopeShiftPlan::can_implement(const RopeShiftArgs& a) const {
   const KVFormat f = k_only(desc_.kv);
   if (desc_.pages) {
     const PagedKV kv{a.kv.k_pages, a.kv.k_pages, a.kv.k_scales, a.kv.k_scales};
-    if (Status s = ops::check_paged_kv(PagedKVDesc{f, *desc_.pages}, kv, Device::cpu(), kOp);
-        !s.ok()) {
+    if (Status s = ops::check_paged_kv(PagedKVDesc{f, *desc_.pages}, kv, device_, kOp); !s.ok()) {
       return s;
     }
+    if (gpu) return ops::check_page_table_sizes(a.table, batch, kOp);  // the kernel checks values
     if (Status s = ops::check_page_table(*desc_.pages, a.table, batch, kOp); !s.ok()) return s;
     if (Status s = ops::check_seq_lens_fit(*desc_.pages, a.table, a.seq_lens, kOp); !s.ok()) {
       return s;
     }
   } else {
     const ContiguousKV kv{a.caches.k, a.caches.k, a.caches.k_scales, a.caches.k_scales};
-    if (Status s = ops::check_contiguous_kv(f, kv, batch, Device::cpu(), kOp); !s.ok()) return s;
+    if (Status s = ops::check_contiguous_kv(f, kv, batch, device_, kOp); !s.ok()) return s;
+    if (gpu) return Status();  // the kernel checks seq_lens and the ranges
     const int64_t capacity = a.caches.k.shape[2];
     for (int64_t b = 0; b < batch; ++b) {
       if (a.seq_lens[static_cast<size_t>(b)] > capacity) {
@@ -133,16 +156,57 @@ Status RopeShiftPlan::can_implement(const RopeShiftArgs& a) const {
 Status RopeShiftPlan::run(const Stream& stream, std::span<std::byte> workspace,
                           const RopeShiftArgs& args) const {
   (void)workspace;  // workspace_size() is 0
-  if (!stream.device.is_cpu()) {
-    return Status::unavailable(std::string(kOp) + ": stream device is " + to_string(stream.device) +
-                               ", expected cpu");
-  }
   if (Status s = can_implement(args); !s.ok()) return s;
+  if (stream.device != device_) {
+    return bad("stream is on " + to_string(stream.device) + ", expected " + to_string(device_));
+  }
+  if (on_gpu()) return run_cuda(stream, args);
   cpu::rope_shift(desc_, *table_, *cpu::rope_kernels(isa_), args, stream.pool);
   return Status();
 }
 
+Status RopeShiftPlan::run_cuda(const Stream& stream, const RopeShiftArgs& args) const {
+  const RopeShiftDesc& d = desc_;
+  backend::CudaRopeShiftParams p;
+  p.batch = static_cast<int64_t>(args.p0.size());
+  p.num_kv_heads = d.kv.num_kv_heads;
+  p.gptj = d.rope.style == RopeStyle::gptj;
+  if (d.pages) {
+    p.k = backend::cuda_pool_side(args.kv.k_pages, args.kv.k_scales, d.pages->layout);
+    p.paged = true;
+    p.page_size = d.pages->page_size;
+    p.num_pages = d.pages->num_pages;
+    p.indptr = args.table.indptr.data();
+    p.indices = args.table.indices.data();
+    p.num_indices = static_cast<int64_t>(args.table.indices.size());
+  } else {
+    // [batch, num_kv_heads, capacity, head_dim] as a pool of one page per sequence.
+    const TensorView& k = args.caches.k;
+    const TensorView& s = args.caches.k_scales;
+    p.k.pool = static_cast<std::byte*>(k.data);
+    p.k.dtype = d.kv.k_dtype;
+    p.k.dim = d.kv.head_dim;
+    p.k.page_stride = k.strides[0];
+    p.k.head_stride = k.strides[1];
+    p.k.slot_stride = k.strides[2];
+    if (s.data != nullptr) {
+      p.k.scales = static_cast<float*>(s.data);
+      p.k.scale_page_stride = s.strides[0];
+      p.k.scale_head_stride = s.strides[1];
+      p.k.scale_slot_stride = s.strides[2];
+    }
+    p.capacity = k.shape[2];
+  }
+  p.p0 = args.p0.data();
+  p.p1 = args.p1.data();
+  p.delta = args.delta.data();
+  p.seq_lens = args.seq_lens.data();
+  p.errors = errors_;
+  return backend::cuda_rope_shift(p, *cuda_table_, stream);
+}
+
 const char* RopeShiftPlan::sku() const {
+  if (on_gpu()) return "cuda.sm90";
   return isa_ == CpuIsa::avx512 ? "cpu.avx512" : "cpu.portable";
 }
 
@@ -155,6 +219,7 @@ Precision RopeShiftPlan::precision() const {
   p.rel_tol = (is_quantized(d) ? 0.0 : rounding) + std::ldexp(1.0, -17);
   p.abs_tol = std::ldexp(1.0, -15);
   p.note =
+      std::string(on_gpu() ? "cuda: the bits of the cpu.portable plan for finite inputs; " : "") +
       "f32/f16/bf16 K: half an ulp of the dtype (rel) plus float math (cos/sin rounded to "
       "float: 2^-17 rel, 2^-15 abs for values up to 8 in magnitude); int8 K: within one step (the "
       "new scale) of the reference, fp8_e4m3: 2^-3 relative or 2^-9 of the scale, plus the same "

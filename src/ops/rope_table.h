@@ -12,8 +12,13 @@
 #include <string_view>
 #include <vector>
 
+#include "kvcache/device.h"
 #include "kvcache/rope.h"
 #include "kvcache/status.h"
+
+namespace kvcache::backend {
+struct CudaRopeTable;
+}  // namespace kvcache::backend
 
 namespace kvcache::ops {
 
@@ -41,6 +46,20 @@ struct RopeTable {
 // resource_exhausted when it cannot be allocated. REQUIRES: check_rope_config passed.
 [[nodiscard]] Result<std::shared_ptr<const RopeTable>> acquire_rope_table(const RopeConfig& config,
                                                                           int64_t rotary_dim);
+
+// What a CUDA plan of a RoPE op holds: the GPU's error record, the host table and its copy on the
+// GPU (times the attention factor when with_attention_factor: see backend::cuda_rope_table).
+struct CudaRopePlanParts {
+  void* errors = nullptr;
+  std::shared_ptr<const RopeTable> table;
+  std::shared_ptr<const backend::CudaRopeTable> cuda_table;
+};
+// unavailable for a GPU this build or machine lacks; resource_exhausted / internal from the
+// allocations, naming op. REQUIRES: check_rope_config passed.
+[[nodiscard]] Result<CudaRopePlanParts> acquire_cuda_rope(const RopeConfig& config,
+                                                          int64_t rotary_dim, Device device,
+                                                          std::string_view op,
+                                                          bool with_attention_factor);
 
 // positions holds num_position_streams() * num_tokens entries, each in [0, max_position):
 // invalid_argument for the size, out_of_range for a value. Reads the span (host memory).

@@ -4,9 +4,12 @@
 // Workspace: [counters: one uint32 per (row, kv head, sub-group), 256-byte aligned]
 //            [partials: item_floats floats per (row, kv head, sub-group, chunk)]
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <string>
+#include <utility>
 
 #include <cuda_runtime.h>
 
@@ -43,43 +46,85 @@ cuda::AttnSide side(const CudaKVSide& s) {
   return a;
 }
 
-// The instances of one K/V dtype (instances/attention_*.cu); null: no such kernel.
-struct KernelSet {
-  cudaError_t (*simt)(const cuda::AttnKernelParams&, int, cudaStream_t);
-  cudaError_t (*simt_occupancy)(int, int*);
-  cudaError_t (*mma)(const cuda::AttnKernelParams&, cudaStream_t);
-  cudaError_t (*mma_occupancy)(int, int*);
+std::optional<cuda::KVStorage> storage_of(DType t) {
+  switch (t) {
+    case DType::f32:
+      return cuda::KVStorage::f32;
+    case DType::f16:
+      return cuda::KVStorage::f16;
+    case DType::bf16:
+      return cuda::KVStorage::bf16;
+    case DType::int8:
+      return cuda::KVStorage::int8;
+    case DType::fp8_e4m3:
+      return cuda::KVStorage::fp8_e4m3;
+    default:
+      return std::nullopt;
+  }
+}
+
+// The CUDA-core kernel of one (K, V) storage pair (instances/attention_simt_*.cu).
+struct SimtKernel {
+  cudaError_t (*launch)(const cuda::AttnKernelParams&, int, cudaStream_t);
+  cudaError_t (*occupancy)(int, int*);
 };
 
-const KernelSet* kernels_of(DType kv) {
-  static constexpr KernelSet kF32{cuda::launch_attention_simt_f32,
-                                  cuda::attention_simt_occupancy_f32, nullptr, nullptr};
-  static constexpr KernelSet kF16{
-      cuda::launch_attention_simt_f16, cuda::attention_simt_occupancy_f16,
-      cuda::launch_attention_mma_f16, cuda::attention_mma_occupancy_f16};
-  static constexpr KernelSet kBf16{
-      cuda::launch_attention_simt_bf16, cuda::attention_simt_occupancy_bf16,
-      cuda::launch_attention_mma_bf16, cuda::attention_mma_occupancy_bf16};
-  static constexpr KernelSet kInt8{
-      cuda::launch_attention_simt_int8, cuda::attention_simt_occupancy_int8,
-      cuda::launch_attention_mma_int8, cuda::attention_mma_occupancy_int8};
-  static constexpr KernelSet kFp8{
-      cuda::launch_attention_simt_fp8, cuda::attention_simt_occupancy_fp8,
-      cuda::launch_attention_mma_fp8, cuda::attention_mma_occupancy_fp8};
-  switch (kv) {
-    case DType::f32:
-      return &kF32;
+// Every pair, at [K * kNumKVStorage + V].
+template <size_t... kPair>
+constexpr std::array<SimtKernel, sizeof...(kPair)> simt_table(std::index_sequence<kPair...>) {
+  constexpr int n = cuda::kNumKVStorage;
+  return {SimtKernel{
+      cuda::launch_attention_simt<cuda::KVStorage(kPair / n), cuda::KVStorage(kPair % n)>,
+      cuda::attention_simt_occupancy<cuda::KVStorage(kPair / n), cuda::KVStorage(kPair % n)>}...};
+}
+constexpr auto kSimtKernels =
+    simt_table(std::make_index_sequence<cuda::kNumKVStorage * cuda::kNumKVStorage>{});
+
+// The tensor-core kernel of one storage type (K == V; instances/attention_mma_*.cu).
+struct MmaKernel {
+  cudaError_t (*launch)(const cuda::AttnKernelParams&, cudaStream_t);
+  cudaError_t (*occupancy)(int, int*);
+};
+
+// The kernels of a K and V dtype pair; a null member: no such kernel.
+struct KernelSet {
+  const SimtKernel* simt = nullptr;
+  const MmaKernel* mma = nullptr;
+};
+
+KernelSet kernels_of(DType k, DType v) {
+  static constexpr MmaKernel kMmaF16{cuda::launch_attention_mma_f16,
+                                     cuda::attention_mma_occupancy_f16};
+  static constexpr MmaKernel kMmaBf16{cuda::launch_attention_mma_bf16,
+                                      cuda::attention_mma_occupancy_bf16};
+  static constexpr MmaKernel kMmaInt8{cuda::launch_attention_mma_int8,
+                                      cuda::attention_mma_occupancy_int8};
+  static constexpr MmaKernel kMmaFp8{cuda::launch_attention_mma_fp8,
+                                     cuda::attention_mma_occupancy_fp8};
+  const std::optional<cuda::KVStorage> ks = storage_of(k);
+  const std::optional<cuda::KVStorage> vs = storage_of(v);
+  if (!ks || !vs) return {};
+  KernelSet set;
+  set.simt = &kSimtKernels[static_cast<size_t>(static_cast<int>(*ks) * cuda::kNumKVStorage +
+                                               static_cast<int>(*vs))];
+  if (k != v) return set;
+  switch (k) {
     case DType::f16:
-      return &kF16;
+      set.mma = &kMmaF16;
+      break;
     case DType::bf16:
-      return &kBf16;
+      set.mma = &kMmaBf16;
+      break;
     case DType::int8:
-      return &kInt8;
+      set.mma = &kMmaInt8;
+      break;
     case DType::fp8_e4m3:
-      return &kFp8;
+      set.mma = &kMmaFp8;
+      break;
     default:
-      return nullptr;
+      break;
   }
+  return set;
 }
 
 bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
@@ -174,14 +219,16 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
                               ": cudaMemsetAsync failed: " + cudaGetErrorString(err));
     }
   }
-  const KernelSet* set = kernels_of(p.kv_dtype);
-  if (set == nullptr || (p.mma && set->mma == nullptr)) {
-    return Status::invalid_argument(std::string(op) + ": K/V dtype " + name(p.kv_dtype) +
-                                    " has no CUDA kernel, expected f32, f16, bf16, int8 or "
-                                    "fp8_e4m3");
+  const KernelSet set = kernels_of(p.k_dtype, p.v_dtype);
+  if (set.simt == nullptr || (p.mma && set.mma == nullptr)) {
+    return Status::invalid_argument(std::string(op) + ": K/V dtypes " + name(p.k_dtype) + " / " +
+                                    name(p.v_dtype) + " have no CUDA " +
+                                    (p.mma ? "tensor-core" : "CUDA-core") +
+                                    " kernel, expected each of f32, f16, bf16, int8, fp8_e4m3 "
+                                    "(tensor cores: K and V of one type)");
   }
   const int pad = static_cast<int>(cuda_attention_group_pad(p.mma, group));
-  const cudaError_t err = p.mma ? set->mma(k, s) : set->simt(k, pad, s);
+  const cudaError_t err = p.mma ? set.mma->launch(k, s) : set.simt->launch(k, pad, s);
   if (err != cudaSuccess) {
     return Status::internal(std::string(op) + ": kernel launch failed: " + cudaGetErrorName(err) +
                             " (" + cudaGetErrorString(err) + ")");
@@ -189,8 +236,8 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
   return Status();
 }
 
-Result<int> cuda_attention_ctas_per_sm(Device device, bool mma, DType kv_dtype, int64_t head_dim,
-                                       int64_t group) {
+Result<int> cuda_attention_ctas_per_sm(Device device, bool mma, DType k_dtype, DType v_dtype,
+                                       int64_t head_dim, int64_t group) {
   if (device.is_cpu() || device.index >= cuda_device_count()) {
     return Status::unavailable("cuda_attention_ctas_per_sm: " + to_string(device) +
                                " is not a GPU of this machine");
@@ -198,12 +245,13 @@ Result<int> cuda_attention_ctas_per_sm(Device device, bool mma, DType kv_dtype, 
   if (cudaError_t err = cudaSetDevice(device.index); err != cudaSuccess) {
     return Status::internal(std::string("cudaSetDevice: ") + cudaGetErrorString(err));
   }
-  const KernelSet* set = kernels_of(kv_dtype);
+  const KernelSet set = kernels_of(k_dtype, v_dtype);
   int ctas = 0;
   cudaError_t err = cudaErrorInvalidValue;
-  if (set != nullptr && !(mma && set->mma_occupancy == nullptr)) {
-    err = mma ? set->mma_occupancy(static_cast<int>(head_dim), &ctas)
-              : set->simt_occupancy(static_cast<int>(cuda_attention_group_pad(mma, group)), &ctas);
+  if (mma && set.mma != nullptr) {
+    err = set.mma->occupancy(static_cast<int>(head_dim), &ctas);
+  } else if (!mma && set.simt != nullptr) {
+    err = set.simt->occupancy(static_cast<int>(cuda_attention_group_pad(mma, group)), &ctas);
   }
   if (err != cudaSuccess || ctas < 1) {
     return Status::internal(std::string("cuda_attention_ctas_per_sm: occupancy query failed: ") +

@@ -30,6 +30,8 @@ const char* name(ErrorOp op) {
       return "decode_attention";
     case ErrorOp::extend_attention:
       return "extend_attention";
+    case ErrorOp::rope_shift:
+      return "rope_shift";
   }
   return "kernel";
 }
@@ -58,6 +60,12 @@ const char* name(ErrorArg arg) {
       return "src_pages";
     case ErrorArg::dst_pages:
       return "dst_pages";
+    case ErrorArg::p0:
+      return "p0";
+    case ErrorArg::p1:
+      return "p1";
+    case ErrorArg::delta:
+      return "delta";
   }
   return "argument";
 }

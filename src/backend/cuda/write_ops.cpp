@@ -6,6 +6,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -19,11 +20,11 @@
 namespace kvcache::backend {
 namespace {
 
-// Live device tables by (host table, GPU). The device table holds its host table, so a key's
-// address cannot be reused while its entry can still be locked.
+// Live device tables by (host table, GPU, with the attention factor). The device table holds its
+// host table, so a key's address cannot be reused while its entry can still be locked.
 struct RopeTableCache {
   std::mutex mu;
-  std::map<std::pair<const ops::RopeTable*, int>, std::weak_ptr<const CudaRopeTable>> tables;
+  std::map<std::tuple<const ops::RopeTable*, int, bool>, std::weak_ptr<const CudaRopeTable>> tables;
 };
 
 RopeTableCache& rope_cache() {
@@ -45,13 +46,15 @@ Status prefixed(const Status& s, const std::string& prefix) {
 }
 
 Result<std::shared_ptr<const CudaRopeTable>> upload(std::shared_ptr<const ops::RopeTable> table,
-                                                    Device device, std::string_view op) {
+                                                    Device device, std::string_view op,
+                                                    bool with_attention_factor) {
   const size_t n = table->cos.size();
-  // cos and sin times the attention factor, in float, as the CPU kernels multiply them.
+  // cos and sin (times the attention factor, in float, as the CPU kernels multiply them).
+  const float factor = with_attention_factor ? table->attention_factor : 1.0f;
   std::vector<float> host(2 * n);
   for (size_t i = 0; i < n; ++i) {
-    host[i] = table->cos[i] * table->attention_factor;
-    host[n + i] = table->sin[i] * table->attention_factor;
+    host[i] = table->cos[i] * factor;
+    host[n + i] = table->sin[i] * factor;
   }
   const size_t bytes = std::max<size_t>(host.size() * sizeof(float), 16);
   Result<void*> mem = cuda_malloc(device.index, bytes);
@@ -97,17 +100,20 @@ Result<void*> cuda_write_error_record(Device device, std::string_view op) {
 }
 
 Result<std::shared_ptr<const CudaRopeTable>> cuda_rope_table(
-    std::shared_ptr<const ops::RopeTable> table, Device device, std::string_view op) {
+    std::shared_ptr<const ops::RopeTable> table, Device device, std::string_view op,
+    bool with_attention_factor) {
   RopeTableCache& cache = rope_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
-  const std::pair<const ops::RopeTable*, int> key{table.get(), device.index};
+  const std::tuple<const ops::RopeTable*, int, bool> key{table.get(), device.index,
+                                                         with_attention_factor};
   if (auto it = cache.tables.find(key); it != cache.tables.end()) {
     if (std::shared_ptr<const CudaRopeTable> live = it->second.lock()) return live;
   }
   for (auto it = cache.tables.begin(); it != cache.tables.end();) {  // drop dead entries
     it = it->second.expired() ? cache.tables.erase(it) : std::next(it);
   }
-  Result<std::shared_ptr<const CudaRopeTable>> made = upload(std::move(table), device, op);
+  Result<std::shared_ptr<const CudaRopeTable>> made =
+      upload(std::move(table), device, op, with_attention_factor);
   if (made.ok()) cache.tables[key] = *made;
   return made;
 }

@@ -19,7 +19,7 @@ size_t cuda_attention_workspace_bytes(bool, int64_t, int64_t, int64_t, int64_t, 
 Status cuda_attention(const CudaAttentionParams& p, const Stream&) {
   return not_built(p.extend ? "extend_attention" : "decode_attention");
 }
-Result<int> cuda_attention_ctas_per_sm(Device, bool, DType, int64_t, int64_t) {
+Result<int> cuda_attention_ctas_per_sm(Device, bool, DType, DType, int64_t, int64_t) {
   return not_built("cuda_attention_ctas_per_sm");
 }
 Result<void*> cuda_error_record(Device) { return not_built("the device error record"); }

@@ -28,12 +28,16 @@ Status cuda_copy_pages(const CudaCopyPagesParams&, const Stream&) {
 }
 
 Result<std::shared_ptr<const CudaRopeTable>> cuda_rope_table(std::shared_ptr<const ops::RopeTable>,
-                                                             Device, std::string_view op) {
+                                                             Device, std::string_view op, bool) {
   return not_built(op);
 }
 
 Status cuda_qkv_rope_write(const CudaQkvRopeWriteParams&, const CudaRopeTable&, const Stream&) {
   return not_built("qkv_rope_write");
+}
+
+Status cuda_rope_shift(const CudaRopeShiftParams&, const CudaRopeTable&, const Stream&) {
+  return not_built("rope_shift");
 }
 
 }  // namespace kvcache::backend

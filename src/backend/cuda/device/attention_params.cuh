@@ -20,6 +20,11 @@ inline constexpr int kAttnPartialExtra = 4;
 // q / o element types, decided at run time (they are read and written once per CTA).
 enum class IoType : int { f32, f16, bf16 };
 
+// K / V storage types, fixed at compile time (the kernels are templates on them); the host names
+// a kernel instance by them (backend/cuda/attention_launch.h).
+enum class KVStorage : int { f32, f16, bf16, int8, fp8_e4m3 };
+inline constexpr int kNumKVStorage = 5;
+
 struct AttnSide {
   const uint8_t* base = nullptr;
   int64_t page_stride = 0, slot_stride = 0, head_stride = 0;

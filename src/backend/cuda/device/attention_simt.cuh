@@ -2,15 +2,20 @@
 #pragma once
 
 // The attention kernel on CUDA cores (split-KV "flash decoding"): every supported K/V dtype and
-// head_dim; attention_mma.cuh is the faster path where tensor cores apply.
+// head_dim, K and V of any two storage types (int8 K with bf16 V); attention_mma.cuh is the faster
+// path where tensor cores apply (equal K and V types only).
 //
 // A CTA of 4 warps serves one work item (attention_common.cuh) of kGroup query heads. A key row is
 // read by lanes_per_key lanes, 8 elements each (16 bytes for 16-bit storage, 8 for 8-bit, 32 for
 // f32), so a warp reads 32 / lanes_per_key keys at once and every load is a full-width vector;
-// each lane group keeps kUnroll keys in flight. The scores of the kGroup heads are butterfly-
-// reduced over the lane group; each lane group keeps its own online softmax (f32, base-2
-// exponentials with log2(e) folded into q) and is one slot of the epilogue. Quantized K/V: the
-// per-(token, head) scale multiplies the score (K) and the softmax weight (V), never each element.
+// each lane group keeps kUnroll keys in flight. K and V rows are loaded and converted each by
+// their own type's KVRow (8 elements per lane either way), so equal types are the one-type kernel.
+// The scores of the kGroup heads are butterfly- reduced over the lane group; each lane group keeps
+// its own online softmax (f32, base-2 exponentials with log2(e) folded into q) and is one slot of
+// the epilogue. Quantized K/V: the per-(token, head) scale multiplies the score (K) and the softmax
+// weight (V), never each element.
+
+#include <tuple>
 
 #include "attention_common.cuh"
 
@@ -114,11 +119,18 @@ struct KVRow<int8_t> {
 template <class KV>
 inline constexpr bool kQuantized = sizeof(KV) == 1;
 
-// kGroup query heads (padded; it.heads of them real) per CTA.
-template <class KV, int kGroup>
+// The device storage types, in KVStorage's order.
+using KVStorageTypes = std::tuple<float, F16, BF16, int8_t, E4M3>;
+static_assert(std::tuple_size_v<KVStorageTypes> == kNumKVStorage);
+template <KVStorage S>
+using StorageType = std::tuple_element_t<static_cast<size_t>(S), KVStorageTypes>;
+
+// kGroup query heads (padded; it.heads of them real) per CTA; K stored as KT, V as VT.
+template <class KT, class VT, int kGroup>
 __global__ void __launch_bounds__(kAttnThreads)
     attention_simt_kernel(const __grid_constant__ AttnKernelParams p) {
-  using Row = KVRow<KV>;
+  using KRow = KVRow<KT>;
+  using VRow = KVRow<VT>;
   constexpr int kUnroll = kGroup >= 8 ? 2 : 4;
   constexpr int kMaxSlots = kAttnThreads / 2;  // lane groups of 2 (head_dim 16)
 
@@ -181,8 +193,8 @@ __global__ void __launch_bounds__(kAttnThreads)
     const int j_begin = run == 0 ? v0 : row.win_lo + max(v0, row.sink_cnt) - row.sink_cnt;
     const int j_end = run == 0 ? min(v1, row.sink_cnt) : row.win_lo + v1 - row.sink_cnt;
     for (int j0 = j_begin; j0 < j_end; j0 += step) {
-      typename Row::Raw kr[kUnroll];
-      typename Row::Raw vr[kUnroll];
+      typename KRow::Raw kr[kUnroll];
+      typename VRow::Raw vr[kUnroll];
       float ks[kUnroll];
       float vs[kUnroll];
       bool ok[kUnroll];
@@ -215,11 +227,13 @@ __global__ void __launch_bounds__(kAttnThreads)
             page * p.k.page_stride + in_page * p.k.slot_stride + kv_head * p.k.head_stride + d0;
         const int64_t v_off =
             page * p.v.page_stride + in_page * p.v.slot_stride + kv_head * p.v.head_stride + d0;
-        kr[u] = Row::load(p.k.base + k_off * Row::kBytes);
-        vr[u] = Row::load(p.v.base + v_off * Row::kBytes);
-        if constexpr (kQuantized<KV>) {
+        kr[u] = KRow::load(p.k.base + k_off * KRow::kBytes);
+        vr[u] = VRow::load(p.v.base + v_off * VRow::kBytes);
+        if constexpr (kQuantized<KT>) {
           ks[u] = __ldg(p.k.scales + page * p.k.scale_page_stride +
                         in_page * p.k.scale_slot_stride + kv_head * p.k.scale_head_stride);
+        }
+        if constexpr (kQuantized<VT>) {
           vs[u] = __ldg(p.v.scales + page * p.v.scale_page_stride +
                         in_page * p.v.scale_slot_stride + kv_head * p.v.scale_head_stride);
         }
@@ -231,7 +245,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       for (int u = 0; u < kUnroll; ++u) {
         float x[8];
         if (ok[u]) {
-          Row::to_float(kr[u], x);
+          KRow::to_float(kr[u], x);
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) x[e] = 0.0f;
@@ -281,7 +295,7 @@ __global__ void __launch_bounds__(kAttnThreads)
       for (int u = 0; u < kUnroll; ++u) {
         if (!ok[u]) continue;
         float x[8];
-        Row::to_float(vr[u], x);
+        VRow::to_float(vr[u], x);
 #pragma unroll
         for (int g = 0; g < kGroup; ++g) {
           const float w = exp2f(s[u][g] - m_new[g]);
@@ -325,21 +339,27 @@ cudaError_t with_simt_group(int group_pad, F f) {
   }
 }
 
-template <class KV>
+// The launcher and occupancy query that backend/cuda/attention_launch.h declares; instances/
+// instantiates them once per (K, V) pair.
+template <KVStorage K, KVStorage V>
 cudaError_t launch_attention_simt(const AttnKernelParams& p, int group_pad, cudaStream_t stream) {
+  using KT = StorageType<K>;
+  using VT = StorageType<V>;
   const int64_t ctas = attention_ctas(p);
   return with_simt_group(group_pad, [&]<int kGroup>() {
-    attention_simt_kernel<KV, kGroup>
+    attention_simt_kernel<KT, VT, kGroup>
         <<<dim3(static_cast<unsigned>(ctas)), kAttnThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
 
-template <class KV>
+template <KVStorage K, KVStorage V>
 cudaError_t attention_simt_occupancy(int group_pad, int* ctas_per_sm) {
+  using KT = StorageType<K>;
+  using VT = StorageType<V>;
   return with_simt_group(group_pad, [&]<int kGroup>() {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctas_per_sm, attention_simt_kernel<KV, kGroup>, kAttnThreads, 0);
+        ctas_per_sm, attention_simt_kernel<KT, VT, kGroup>, kAttnThreads, 0);
   });
 }
 

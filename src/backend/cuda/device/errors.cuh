@@ -18,6 +18,7 @@ enum class ErrorOp : uint32_t {
   qkv_rope_write,
   decode_attention,
   extend_attention,
+  rope_shift,
 };
 
 // The argument that held the bad value.
@@ -33,6 +34,9 @@ enum class ErrorArg : uint32_t {
   q_indptr,
   src_pages,
   dst_pages,
+  p0,
+  p1,
+  delta,
 };
 
 struct DeviceErrorRecord {
