@@ -28,8 +28,11 @@ __attribute__((target("avx512f"))) uint64_t read_avx512(const std::byte* p, int6
     a2 = _mm512_add_epi64(a2, _mm512_load_si512(p + i + 128));
     a3 = _mm512_add_epi64(a3, _mm512_load_si512(p + i + 192));
   }
-  uint64_t sum = static_cast<uint64_t>(_mm512_reduce_add_epi64(
-      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3))));
+  // Lanes summed as unsigned: the sum wraps by design (_mm512_reduce_add_epi64 adds signed).
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t sum = 0;
+  for (uint64_t lane : lanes) sum += lane;
   for (; i < n; ++i) sum += static_cast<uint64_t>(p[i]);
   return sum;
 }
