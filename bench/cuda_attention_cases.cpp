@@ -201,6 +201,8 @@ std::vector<CudaCaseBuilder> cuda_attention_cases(const CudaCaseOptions& options
       add(batch_label(16, 4096), uniform_lens(16, 4096), kv);
       add(batch_label(1, 32768), uniform_lens(1, 32768), kv);
     }
+    // 8-bit rows of a head 128 bytes long: 1 KB apart in NHD pages, contiguous in HND ones.
+    add(batch_label(64, 4096), uniform_lens(64, 4096), DType::int8, true, PageLayout::hnd);
     // Ragged batches next to a uniform batch with the same total tokens.
     for (int64_t batch : {16, 64}) {
       for (int kind = 0; kind < 2; ++kind) {
