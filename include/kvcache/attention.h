@@ -71,10 +71,6 @@ struct AttentionSchedule {
   // with more queries is skipped and counted in the device error record). 0: one query row per
   // work item.
   int64_t max_query_blocks = 0;
-  // Decode on tensor cores: > 0 spreads the keys of all rows evenly over this many CTAs (a row cut
-  // between CTAs is merged by the log-sum-exp rule), so a ragged batch streams like a uniform one;
-  // chunk_size and max_chunks are then unused and every length up to max_seq_len is served.
-  int64_t balanced_ctas = 0;
 };
 
 // The arguments of one call; every view on the plan's device (CPU: host memory; CUDA: the plan's

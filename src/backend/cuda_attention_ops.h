@@ -12,9 +12,7 @@
 // simt, chunk of chunk_size keys); its CTA reads the chunk's K/V rows once for all query heads
 // of the sub-group. A row whose keys span several chunks is merged by the last of its
 // CTAs to finish (log-sum-exp rule), through the workspace; a counter per (row, kv head,
-// sub-group) finds the last one and resets itself. Balanced decode (tensor cores, balanced_ctas
-// > 0) instead spreads the key tiles of all rows evenly over one wave of CTAs, a row cut between
-// CTAs merged the same way. The launcher trusts its parameters (the plan
+// sub-group) finds the last one and resets itself. The launcher trusts its parameters (the plan
 // validated everything that is not in device memory); entries that are in device memory
 // (seq_lens, q_indptr, the page table) are checked by the kernel, which skips what it must not
 // follow and counts it in the GPU's error record. Thread-safe; no allocation, no synchronization.
@@ -78,9 +76,6 @@ struct CudaAttentionParams {
   // --- split ---
   int64_t chunk_size = 0;
   int64_t max_chunks = 1;
-  // Decode, tensor cores: > 0 spreads the key tiles of all rows evenly over this many CTAs
-  // (chunk_size and max_chunks unused); the workspace holds 2 * balanced_ctas partials.
-  int64_t balanced_ctas = 0;
   std::byte* workspace = nullptr;  // cuda_attention_workspace_bytes(...) bytes, device
   void* errors = nullptr;          // the GPU's error record
   bool extend = false;

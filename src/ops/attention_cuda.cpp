@@ -27,11 +27,9 @@ namespace kvcache::ops {
 namespace {
 
 constexpr int64_t kItemOverheadKeys = 128;  // ~3 us at a multiprocessor's bf16 streaming rate
-constexpr int64_t kItemsPerSm = 128;      // partial results the workspace holds per multiprocessor
-constexpr int64_t kMinChunk = 64;         // keys: smaller chunks cost more in merging than they win
-constexpr int64_t kChunkAlign = 64;       // 4 warps x 16-key tiles of the tensor-core kernel
-constexpr int64_t kTileKeys = 16;         // the tensor-core kernel's tile (and balanced unit)
-constexpr int64_t kBalancedMinTiles = 4;  // a tile per warp
+constexpr int64_t kItemsPerSm = 128;  // partial results the workspace holds per multiprocessor
+constexpr int64_t kMinChunk = 64;     // keys: smaller chunks cost more in merging than they win
+constexpr int64_t kChunkAlign = 64;   // 4 warps x 16-key tiles of the tensor-core kernel
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -43,24 +41,6 @@ int64_t head_groups(const detail::AttentionPlanState& plan) {
   const AttentionDesc& d = plan.desc;
   return d.kv.num_kv_heads *
          backend::cuda_attention_subgroups(plan.mma, d.num_q_heads, d.kv.num_kv_heads);
-}
-
-// Balanced decode: a row group's pieces (<= G / groups + 2) fit the merge's kAttnMaxChunks, and
-// the workspace holds two partials per CTA.
-int64_t max_balanced_ctas(const detail::AttentionPlanState& plan) {
-  return std::min((backend::kCudaAttentionMaxChunks - 2) * head_groups(plan),
-                  plan.workspace_items / 2);
-}
-
-// Balanced decode for these visible key counts: one wave of CTAs (the occupancy's), each with at
-// least a tile per warp.
-int64_t balanced_ctas(const detail::AttentionPlanState& plan, std::span<const int64_t> row_keys) {
-  int64_t tiles = 0;
-  for (int64_t k : row_keys) tiles += ceil_div(std::max<int64_t>(k, 1), kTileKeys);
-  tiles *= head_groups(plan);
-  const int64_t wave = plan.num_sms * plan.ctas_per_sm;
-  return std::max<int64_t>(
-      1, std::min({wave, ceil_div(tiles, kBalancedMinTiles), max_balanced_ctas(plan)}));
 }
 
 int64_t max_rows(const detail::AttentionPlanState& plan) {
@@ -136,7 +116,6 @@ AttentionSchedule cuda_attention_schedule(const detail::AttentionPlanState& plan
     }
     if (chunk == kMinChunk) break;
   }
-  if (!plan.extend && plan.mma) best.balanced_ctas = balanced_ctas(plan, row_keys);
   return best;
 }
 
@@ -178,10 +157,8 @@ Result<detail::AttentionPlanState> cuda_attention_state(const AttentionDesc& des
   if (!ctas.ok()) return ctas.status();
   st.ctas_per_sm = *ctas;
   const int64_t rows = max_rows(st);
-  // Room for chunks down to 16 keys on small plans (a caller's schedule may split finely), and
-  // for balanced decode's two partials per CTA with up to a CTA per tile.
-  const int64_t most_items =
-      rows * head_groups(st) * ceil_div(desc.max_seq_len, kTileKeys) * (!extend && st.mma ? 2 : 1);
+  // Room for chunks down to 16 keys on small plans (a caller's schedule may split finely).
+  const int64_t most_items = rows * head_groups(st) * ceil_div(desc.max_seq_len, 16);
   st.workspace_items = std::min(most_items, kItemsPerSm * st.num_sms);
   // The default schedule: every row as long as the bounds allow.
   std::vector<int64_t> keys(static_cast<size_t>(std::min<int64_t>(rows, 1 << 16)),
@@ -251,16 +228,8 @@ Status check_cuda_attention_args(const detail::AttentionPlanState& plan,
                                       str(max_rows(plan)) + " (use plan.schedule())");
     }
   }
-  if (sched.balanced_ctas < 0 ||
-      (sched.balanced_ctas > 0 &&
-       (plan.extend || !plan.mma || sched.balanced_ctas > max_balanced_ctas(plan)))) {
-    return Status::invalid_argument(std::string(op) + ": schedule has balanced_ctas " +
-                                    str(sched.balanced_ctas) + ", expected 0, or 1 to " +
-                                    str(plan.extend || !plan.mma ? 0 : max_balanced_ctas(plan)) +
-                                    " for decode on tensor cores (use plan.schedule())");
-  }
   const int64_t items = units * head_groups(plan) * sched.max_chunks;
-  if (sched.balanced_ctas == 0 && sched.max_chunks > 1 && items > plan.workspace_items) {
+  if (sched.max_chunks > 1 && items > plan.workspace_items) {
     return Status::invalid_argument(std::string(op) + ": schedule needs " + str(items) +
                                     " work items for " + str(args.q.shape[0]) +
                                     " rows, expected <= the plan's workspace_items = " +
@@ -347,7 +316,6 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
   p.sinks = d.has_sinks ? args.sinks.data_as<const float>() : nullptr;
   p.chunk_size = sched.chunk_size;
   p.max_chunks = sched.max_chunks;
-  p.balanced_ctas = sched.balanced_ctas;
   p.workspace = workspace.data();
   p.errors = plan.errors;
   p.extend = plan.extend;

@@ -109,36 +109,6 @@ TEST(CudaAttentionSchedule, LeavesABigBatchUnsplitWhenWavesAreFull) {
   EXPECT_EQ(s.max_chunks, 1);
 }
 
-// Balanced decode (tensor cores): one wave of CTAs at most, a tile per warp at least, and few
-// enough CTAs that a row group's pieces fit the merge and the workspace; none for extend.
-TEST(CudaAttentionSchedule, BalancedDecodeIsOneWaveWithinTheLimits) {
-  detail::AttentionPlanState plan = h100_like_plan();
-  std::mt19937 rng(testing::test_seed());
-  for (int trial = 0; trial < 200; ++trial) {
-    const int64_t batch = testing::uniform_int(rng, 1, 256);
-    std::vector<int64_t> keys(static_cast<size_t>(batch));
-    int64_t tiles = 0;
-    for (int64_t& k : keys) {
-      k = testing::uniform_int(rng, 1, trial % 2 == 0 ? 600 : 32768);
-      tiles += (k + 15) / 16 * 8;
-    }
-    SCOPED_TRACE("trial " + std::to_string(trial));
-    const AttentionSchedule s = ops::cuda_attention_schedule(plan, keys, batch);
-    EXPECT_GE(s.balanced_ctas, 1);
-    EXPECT_LE(s.balanced_ctas, plan.num_sms * plan.ctas_per_sm);
-    EXPECT_LE(s.balanced_ctas * 4, std::max<int64_t>(tiles + 3, 4));
-    EXPECT_LE(s.balanced_ctas, (backend::kCudaAttentionMaxChunks - 2) * 8);
-    EXPECT_LE(2 * s.balanced_ctas, plan.workspace_items);
-    EXPECT_TRUE(s.balanced_ctas == plan.num_sms * plan.ctas_per_sm || s.balanced_ctas * 4 >= tiles)
-        << s.balanced_ctas;
-  }
-  plan.desc.num_q_heads = 16;  // MQA with one sub-group, one long row: the merge limit decides
-  plan.desc.kv.num_kv_heads = 1;
-  EXPECT_EQ(ops::cuda_attention_schedule(plan, std::vector<int64_t>{32768}, 1).balanced_ctas, 62);
-  plan.extend = true;
-  EXPECT_EQ(ops::cuda_attention_schedule(plan, std::vector<int64_t>{32768}, 1).balanced_ctas, 0);
-}
-
 // The tensor cores serve equal K and V types only; every pair of different types goes to the
 // CUDA-core kernel, whatever the head_dim.
 TEST(CudaAttentionKernels, MixedKVDTypesGoToCudaCores) {

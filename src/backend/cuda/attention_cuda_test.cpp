@@ -350,70 +350,6 @@ TEST_F(CudaAttention, RaggedBatchesOfManyRows) {
   }
 }
 
-// Balanced decode cuts row groups at any tile, CTAs covering one tile of a row, several rows, or
-// the middle of one: every CTA count from 1 to the plan's most gives the reference's answer.
-TEST_F(CudaAttention, BalancedDecodeAnyCtaCount) {
-  const uint32_t seed = test_seed();
-  std::mt19937 rng(seed);
-  // 304 tiles of 16 keys (x 2 kv heads), and 10: more CTAs than tiles, as a schedule made for
-  // longer rows (the plan's default) has.
-  const std::vector<int32_t> ragged = {1, 15, 16, 17, 33, 700, 2, 64, 1500, 5};
-  const std::vector<int32_t> tiny = {1, 15, 17, 2};
-  for (DType kv : {DType::bf16, DType::int8, DType::fp8_e4m3}) {
-    Config c = paged_config(8, 2, 128, 16, kv == DType::fp8_e4m3 ? tiny : ragged);
-    c.k = c.v = kv;
-    c.q = c.o = DType::bf16;
-    c.max_seq_len = 4096;  // workspace for 124 CTAs
-    Problem p(c, rng);
-    const DecodeAttentionPlan plan = DecodeAttentionPlan::select(p.desc(), gpu()).value();
-    ASSERT_STREQ(plan.sku(), "cuda.sm90.mma");
-    const AttentionSchedule host = plan.schedule(c.seq_lens).value();
-    EXPECT_GT(host.balanced_ctas, 0);
-    const std::vector<double> want = reference_of(p);
-    for (int64_t ctas : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{7}, int64_t{61}, int64_t{124},
-                         host.balanced_ctas}) {
-      AttentionSchedule s = host;
-      s.balanced_ctas = ctas;
-      expect_close(
-          run_any(p, s), want, plan.precision().abs_tol, plan.precision().rel_tol,
-          std::string(name(kv)) + " ctas " + std::to_string(ctas) + " " + seed_trace(seed));
-    }
-  }
-}
-
-// Balanced decode skips a row whose length is bad (recorded once) and serves the others.
-TEST_F(CudaAttention, BalancedDecodeSkipsBadRows) {
-  const uint32_t seed = test_seed();
-  std::mt19937 rng(seed);
-  const Config c = paged_config(8, 2, 128, 16, {300, 40, 97});
-  Problem p(c, rng);
-  const std::vector<double> want = reference_of(p);
-  const DecodeAttentionPlan plan = DecodeAttentionPlan::select(p.desc(), gpu()).value();
-  AttentionArgs d = upload_args(p);
-  std::vector<int32_t> lens = c.seq_lens;
-  lens[1] = 1000;  // past its pages
-  d.seq_lens = upload(lens);
-  AttentionSchedule s = plan.schedule(c.seq_lens).value();
-  s.balanced_ctas = 5;
-  d.schedule = s;
-  ASSERT_OK(plan.run(stream(), workspace(plan), d));
-  EXPECT_TRUE(has_error(check_device_errors(stream()), Code::out_of_range,
-                        "decode_attention: seq_lens[1] is 1000"));
-  EXPECT_OK(check_device_errors(stream()));
-  const std::vector<double> got = outputs(p, d);
-  const size_t row = static_cast<size_t>(c.hq * c.dim);  // o of one sequence
-  for (size_t b : {size_t{0}, size_t{2}}) {
-    expect_close(std::vector<double>(got.begin() + b * row, got.begin() + (b + 1) * row),
-                 std::vector<double>(want.begin() + b * row, want.begin() + (b + 1) * row),
-                 plan.precision().abs_tol, plan.precision().rel_tol, "row " + std::to_string(b));
-  }
-  const std::vector<uint8_t> o = download(d.o);
-  const size_t row_bytes = o.size() / 3;
-  EXPECT_TRUE(std::all_of(o.begin() + static_cast<ptrdiff_t>(row_bytes),
-                          o.begin() + static_cast<ptrdiff_t>(2 * row_bytes),
-                          [](uint8_t b) { return b == 0x7f; }));
-}
-
 // Entries the host cannot check are counted by the kernel and reported once by check.
 TEST_F(CudaAttention, BadDeviceEntriesAreSkippedAndReported) {
   std::mt19937 rng(test_seed());
@@ -515,9 +451,6 @@ TEST_F(CudaAttention, Refusals) {
   too_big.schedule = AttentionSchedule{1, 65};
   EXPECT_TRUE(
       has_error(plan.run(stream(), ws, too_big), Code::invalid_argument, "max_chunks in [1, 64]"));
-  too_big.schedule = AttentionSchedule{1, 1, 0, 1};  // CUDA cores: no balanced decode
-  EXPECT_TRUE(has_error(plan.run(stream(), ws, too_big), Code::invalid_argument,
-                        "balanced_ctas 1, expected 0, or 1 to 0"));
   EXPECT_EQ(download(d.o), before);
 
   // The tensor-core kernel reads q rows with 16-byte loads: q rows must be 16-byte aligned.
@@ -530,10 +463,6 @@ TEST_F(CudaAttention, Refusals) {
   odd_q.q.strides[0] += 2;
   EXPECT_TRUE(has_error(mma.run(stream(), workspace(mma), odd_q), Code::invalid_argument,
                         "q has stride 514 on axis 0, expected a multiple of 4 elements"));
-  AttentionArgs too_many = dm;  // two partials per CTA: the workspace holds 8 (2 x 2 tiles x 2)
-  too_many.schedule = AttentionSchedule{20, 1, 0, 5};
-  EXPECT_TRUE(has_error(mma.run(stream(), workspace(mma), too_many), Code::invalid_argument,
-                        "balanced_ctas 5, expected 0, or 1 to 4"));
   EXPECT_EQ(download(dm.o), before_m);
 }
 

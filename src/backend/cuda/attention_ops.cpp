@@ -150,9 +150,8 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
       packed ? 1 : cuda_attention_subgroups(p.mma, p.num_q_heads, p.num_kv_heads);
   const int64_t blocks = packed ? p.batch * p.max_q_blocks : p.num_rows;
   const int64_t row_groups = blocks * p.num_kv_heads * subgroups;
-  for (int64_t v :
-       {p.num_rows, p.batch, p.num_pages, p.capacity, p.num_indices, p.window, p.sink_tokens,
-        p.chunk_size * p.max_chunks, row_groups * p.max_chunks, 2 * p.balanced_ctas}) {
+  for (int64_t v : {p.num_rows, p.batch, p.num_pages, p.capacity, p.num_indices, p.window,
+                    p.sink_tokens, p.chunk_size * p.max_chunks, row_groups * p.max_chunks}) {
     if (!fits_int(v)) {
       return Status::invalid_argument(std::string(op) + ": a size is " + std::to_string(v) +
                                       ", expected below 2^31 on CUDA");
@@ -201,7 +200,6 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
   k.sinks = p.sinks;
   k.chunk_size = static_cast<int>(p.chunk_size);
   k.max_chunks = static_cast<int>(p.max_chunks);
-  k.balanced_ctas = static_cast<int>(p.balanced_ctas);
   const size_t counter_bytes = align_up(static_cast<size_t>(row_groups) * sizeof(uint32_t));
   k.counters = reinterpret_cast<unsigned*>(p.workspace);
   k.partials = reinterpret_cast<float*>(p.workspace + counter_bytes);
@@ -213,7 +211,7 @@ Status cuda_attention(const CudaAttentionParams& p, const Stream& stream) {
   k.op = p.extend ? cuda::ErrorOp::extend_attention : cuda::ErrorOp::decode_attention;
 
   auto* s = static_cast<cudaStream_t>(stream.cuda_stream);
-  if (p.max_chunks > 1 || p.balanced_ctas > 0) {
+  if (p.max_chunks > 1) {
     if (cudaError_t err = cudaMemsetAsync(p.workspace, 0, counter_bytes, s); err != cudaSuccess) {
       return Status::internal(std::string(op) +
                               ": cudaMemsetAsync failed: " + cudaGetErrorString(err));

@@ -10,8 +10,6 @@
 // * max_chunks + chunk. Visible keys of a query at position p: the window part [win_lo, p], win_lo
 // = max(0, p + 1 - window) with a window (else 0), and the sinks [0, min(sink_tokens, win_lo));
 // chunks index this visible list (sinks first), so a sliding window reads only what it sees.
-// Balanced decode (attention_balanced.cuh) has its own grid: each CTA walks a share of all rows'
-// keys as pieces of row groups; a chunk is the piece of the chunked grid (chunk_piece).
 //
 // Epilogue. The CTA's "slots" (lane groups or warps) each hold an unnormalized partial result of
 // its rows: acc[row][head_dim], max and sum in base 2. The epilogue weighs them by 2^(m - M).
@@ -115,42 +113,6 @@ struct AttnItem {
   bool ok = false;
 };
 
-// The keys of its row group a CTA computes, and where the partial result goes when the row group
-// is cut into several pieces (merged by the last of their CTAs to finish).
-struct AttnPiece {
-  int v0 = 0, v1 = 0;            // visible keys [v0, v1)
-  int parts = 1;                 // pieces of the row group; 1: the CTA writes o itself
-  float* mine = nullptr;         // this piece's partial
-  const float* first = nullptr;  // piece 0's partial
-  const float* rest = nullptr;   // piece k >= 1's partial at rest + k * item_floats
-};
-
-// Chunk k of the row group: keys [k chunk_size, (k + 1) chunk_size), partials in the row group's
-// block of max_chunks.
-__device__ inline AttnPiece chunk_piece(const AttnKernelParams& p, const AttnItem& it,
-                                        int num_chunks) {
-  AttnPiece pc;
-  pc.v0 = it.chunk * p.chunk_size;
-  pc.v1 = min(pc.v0 + p.chunk_size, it.num_vis);
-  pc.parts = num_chunks;
-  float* block = p.partials + static_cast<int64_t>(it.row_group) * p.max_chunks * p.item_floats;
-  pc.mine = block + static_cast<int64_t>(it.chunk) * p.item_floats;
-  pc.first = block;
-  pc.rest = block;
-  return pc;
-}
-
-// The query heads of it.row_group: its kv head and sub-group (rows_per_cta heads per sub-group,
-// or all of the group for packed extend).
-__device__ inline void resolve_heads(const AttnKernelParams& p, AttnItem& it, int rows_per_cta) {
-  const int head_group = it.row_group % (p.num_kv_heads * p.subgroups);
-  it.kv_head = head_group / p.subgroups;
-  const int sub = head_group % p.subgroups;
-  const int gs = p.q_per_cta > 1 ? p.group : rows_per_cta;
-  it.heads = min(gs, p.group - sub * gs);
-  it.head0 = it.kv_head * p.group + sub * gs;
-}
-
 // The grid: one CTA per (query row or packed query block, kv head, sub-group, chunk).
 inline int64_t attention_ctas(const AttnKernelParams& p) {
   const int64_t blocks = p.q_per_cta > 1 ? static_cast<int64_t>(p.batch) * p.max_q_blocks
@@ -186,7 +148,7 @@ __device__ inline bool resolve_keys(const AttnKernelParams& p, AttnItem& it, int
   it.win_lo = p.window > 0 ? max(0, it.pos + 1 - p.window) : 0;
   it.sink_cnt = p.window > 0 ? min(p.sink_tokens, it.win_lo) : 0;
   it.num_vis = it.sink_cnt + (it.pos + 1 - it.win_lo);
-  if (p.balanced_ctas == 0 && it.num_vis > p.max_chunks * p.chunk_size) {
+  if (it.num_vis > p.max_chunks * p.chunk_size) {
     // The schedule was made for shorter sequences: its chunks do not reach this key.
     if (report) {
       record_error(p.errors, p.op, ErrorArg::seq_lens, it.b, len, 1,
@@ -206,7 +168,11 @@ __device__ inline AttnItem resolve_item(const AttnKernelParams& p, int rows_per_
   it.row_group = item / p.max_chunks;
   const int head_group = it.row_group % (p.num_kv_heads * p.subgroups);
   const int block = it.row_group / (p.num_kv_heads * p.subgroups);
-  resolve_heads(p, it, rows_per_cta);
+  it.kv_head = head_group / p.subgroups;
+  const int sub = head_group % p.subgroups;
+  const int gs = p.q_per_cta > 1 ? p.group : rows_per_cta;
+  it.heads = min(gs, p.group - sub * gs);
+  it.head0 = it.kv_head * p.group + sub * gs;
   const bool first_cta = it.chunk == 0 && head_group == 0 && threadIdx.x == 0;
 
   if (p.q_per_cta > 1) {  // packed extend: block = (sequence, query block)
@@ -351,7 +317,7 @@ __device__ void merge_weights(const float* m, const float* l, float* w, int head
 // written. merge_scratch: kMergeScratchFloats<kRows> floats of shared memory that nothing else
 // uses now.
 template <int kRows, int kMaxSlots>
-__device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, const AttnPiece& pc,
+__device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int num_chunks,
                             int num_slots, const float* s_acc, int acc_stride,
                             EpilogueSmem<kRows, kMaxSlots>& e, float* merge_scratch) {
   const int D = p.head_dim;
@@ -365,7 +331,6 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, const
     }
     return o;
   };
-  const int num_chunks = pc.parts;
   if (num_chunks == 1) {
     for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
       const int g = i / D;
@@ -377,7 +342,8 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, const
 
   // Several chunks: publish this one's partial, then the last CTA of the row merges.
   const int pr = D + kAttnPartialExtra;
-  float* mine = pc.mine;
+  const int64_t row_item = static_cast<int64_t>(it.row_group) * p.max_chunks;
+  float* mine = p.partials + (row_item + it.chunk) * p.item_floats;
   for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
     const int g = i / D;
     const int d = i - g * D;
@@ -397,17 +363,16 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, const
   __syncthreads();
   if (!e.last) return;
   __threadfence();
-  const auto partial = [&](int c) {
-    return c == 0 ? pc.first : pc.rest + static_cast<int64_t>(c) * p.item_floats;
-  };
+  const float* all = p.partials + row_item * p.item_floats;
+  const int stride = p.item_floats;
   // Every thread fetches some chunks' (max, sum) so that their latencies overlap.
   float* cm = merge_scratch;
   float* cl = merge_scratch + kAttnMaxChunks * kRows;
   for (int i = static_cast<int>(threadIdx.x); i < num_chunks * heads; i += kAttnThreads) {
     const int c = i / heads;
     const int g = i - c * heads;
-    cm[c * kRows + g] = __ldcg(partial(c) + g * pr + D);
-    cl[c * kRows + g] = __ldcg(partial(c) + g * pr + D + 1);
+    cm[c * kRows + g] = __ldcg(all + c * stride + g * pr + D);
+    cl[c * kRows + g] = __ldcg(all + c * stride + g * pr + D + 1);
   }
   __syncthreads();
   merge_weights<kRows>(cm, cl, cm, heads, num_chunks, e.final_m, e.final_l);
@@ -421,7 +386,7 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, const
     float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 16
     for (int c = 0; c < num_chunks; ++c) {
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial(c) + g * pr + d));
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(all + c * stride + g * pr + d));
       const float w = cm[c * kRows + g];
       o.x += v.x * w;
       o.y += v.y * w;

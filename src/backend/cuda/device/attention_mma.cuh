@@ -4,9 +4,8 @@
 // The attention kernel on tensor cores (mma.sync m16n8k16, f32 accumulation) for bf16, f16, int8
 // and fp8_e4m3 K/V with head_dim 64, 128 or 256 (8-bit: 128 or 256).
 //
-// A CTA of 4 warps serves one work item (attention_common.cuh), or in balanced decode several
-// pieces of row groups in turn (attention_balanced.cuh); the query heads of each (up to 16: the
-// MMA's M rows; the rest padding) share one kv head. The piece's keys are cut into tiles of 16;
+// A CTA of 4 warps serves one work item (attention_common.cuh) whose query heads (up to 16: the
+// MMA's M rows; the rest padding) share one kv head. The chunk's keys are cut into tiles of 16;
 // warp w takes tiles w, w + 4, ... and streams each tile's K and V rows (and scales) into its own
 // ring of kStages shared-memory stages with cp.async, so loads for later tiles are in flight while
 // it computes. Per tile: S = Q K^T (two n8 tiles of keys, head_dim / 16 k-steps), online softmax
@@ -30,7 +29,6 @@
 
 #include <type_traits>
 
-#include "attention_balanced.cuh"
 #include "attention_common.cuh"
 
 namespace kvcache::cuda {
@@ -188,28 +186,28 @@ struct TileRow {
   int local = 0;          // paged: the page's entry in the sequence's page list
 };
 
-inline constexpr int kMmaRows = 16;  // query rows of a CTA: the MMA's M
-
-// Keys [pc.v0, pc.v1) of the item's row group, then the epilogue. REQUIRES: every thread of the
-// CTA calls it with the same item and piece; when the CTA computed another piece before, a
-// __syncthreads() since that piece's epilogue.
 template <class KV, int kHeadDim>
-__device__ __forceinline__ void attention_mma_piece(const AttnKernelParams& p, const AttnItem& it,
-                                                    const AttnPiece& pc) {
+__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
+    attention_mma_kernel(const __grid_constant__ AttnKernelParams p) {
   using S = MmaShape<KV, kHeadDim>;
   constexpr bool kBf16 = S::kBf16;
-  constexpr int kRows = kMmaRows;
+  constexpr int kRows = 16;
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ EpilogueSmem<kRows, kAttnWarps> ep;
+
+  const AttnItem it = resolve_item(p, kRows);
+  if (!it.ok) return;
   const AttnItem& row = it;
   const int head_group = it.row_group % (p.num_kv_heads * p.subgroups);
+  const int num_chunks = (row.num_vis + p.chunk_size - 1) / p.chunk_size;
+  if (it.chunk >= num_chunks) return;
 
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int quad = lane & 3;  // c: the column pair of C / B fragments
   const int grp = lane >> 2;  // the row of A / C fragments (and + 8)
-  const int v0 = pc.v0;
-  const int v1 = pc.v1;
+  const int v0 = it.chunk * p.chunk_size;
+  const int v1 = min(v0 + p.chunk_size, row.num_vis);
   const int num_tiles = (v1 - v0 + kTileKeys - 1) / kTileKeys;
   const int my_tiles = (num_tiles - warp + kAttnWarps - 1) / kAttnWarps;
   const bool report_pages = head_group == 0 && lane < kTileKeys;
@@ -560,27 +558,8 @@ __device__ __forceinline__ void attention_mma_piece(const AttnKernelParams& p, c
     }
   }
   __syncthreads();
-  finish_item(p, it, pc, kAttnWarps, s_acc, S::kAccStride, ep,
+  finish_item(p, it, num_chunks, kAttnWarps, s_acc, S::kAccStride, ep,
               s_acc + kAttnWarps * kRows * S::kAccStride);
-}
-
-template <class KV, int kHeadDim>
-__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
-    attention_mma_kernel(const __grid_constant__ AttnKernelParams p) {
-  if (p.balanced_ctas > 0) {
-    bool first = true;
-    for_each_balanced_piece(p, kMmaRows, [&](const AttnItem& it, const AttnPiece& pc) {
-      if (!first) __syncthreads();  // the last piece's epilogue is done with shared memory
-      first = false;
-      attention_mma_piece<KV, kHeadDim>(p, it, pc);
-    });
-    return;
-  }
-  const AttnItem it = resolve_item(p, kMmaRows);
-  if (!it.ok) return;
-  const int num_chunks = (it.num_vis + p.chunk_size - 1) / p.chunk_size;
-  if (it.chunk >= num_chunks) return;
-  attention_mma_piece<KV, kHeadDim>(p, it, chunk_piece(p, it, num_chunks));
 }
 
 // Raises the kernel's dynamic shared memory limit (once per instantiation).
@@ -596,7 +575,7 @@ template <class KV, int kHeadDim>
 cudaError_t launch_attention_mma_dim(const AttnKernelParams& p, cudaStream_t stream) {
   using S = MmaShape<KV, kHeadDim>;
   if (cudaError_t err = configure_attention_mma<KV, kHeadDim>(); err != cudaSuccess) return err;
-  const int64_t ctas = p.balanced_ctas > 0 ? p.balanced_ctas : attention_ctas(p);
+  const int64_t ctas = attention_ctas(p);
   attention_mma_kernel<KV, kHeadDim>
       <<<dim3(static_cast<unsigned>(ctas)), kAttnThreads, S::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

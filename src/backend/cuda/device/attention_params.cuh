@@ -71,16 +71,12 @@ struct AttnKernelParams {
 
   int chunk_size = 0;
   int max_chunks = 1;
-  // Decode on tensor cores: > 0 spreads the key tiles of all row groups evenly over this many
-  // CTAs (attention_balanced.cuh); chunk_size and max_chunks are then unused.
-  int balanced_ctas = 0;
   // Extend with packed query tokens (tensor cores, no window): a CTA serves q_per_cta consecutive
   // query tokens of one sequence (x heads_per_cta heads = the MMA's rows); the grid covers
   // max_q_blocks blocks per sequence. q_per_cta 1: a CTA serves one query row.
   int q_per_cta = 1;
   int max_q_blocks = 0;
-  // [rows * subgroups * num_kv_heads * max_chunks][item_floats]; balanced: [2 * balanced_ctas]
-  float* partials = nullptr;
+  float* partials = nullptr;     // [rows * subgroups * num_kv_heads * max_chunks][item_floats]
   unsigned* counters = nullptr;  // [rows * subgroups * num_kv_heads]
   int item_floats = 0;           // rows per item * (head_dim + kAttnPartialExtra)
   DeviceErrorRecord* errors = nullptr;

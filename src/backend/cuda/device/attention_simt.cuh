@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(kAttnThreads)
     for (int x = 0; x < 8; ++x) s_acc[(slot * kGroup + g) * D + d0 + x] = acc[g][x];
   }
   __syncthreads();
-  finish_item(p, it, chunk_piece(p, it, num_chunks), num_slots, s_acc, D, ep, merge_scratch);
+  finish_item(p, it, num_chunks, num_slots, s_acc, D, ep, merge_scratch);
 }
 
 // Calls f.template operator()<kGroup>() for kGroup = group_pad (1, 4 or 8).
