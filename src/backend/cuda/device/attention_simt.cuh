@@ -10,7 +10,7 @@
 // f32), so a warp reads 32 / lanes_per_key keys at once and every load is a full-width vector;
 // each lane group keeps kUnroll keys in flight. K and V rows are loaded and converted each by
 // their own type's KVRow (8 elements per lane either way), so equal types are the one-type kernel.
-// The scores of the kGroup heads are butterfly- reduced over the lane group; each lane group keeps
+// The scores of the kGroup heads are butterfly-reduced over the lane group; each lane group keeps
 // its own online softmax (f32, base-2 exponentials with log2(e) folded into q) and is one slot of
 // the epilogue. Quantized K/V: the per-(token, head) scale multiplies the score (K) and the softmax
 // weight (V), never each element.
