@@ -355,6 +355,42 @@ TEST(Attention, EightBitRowsAtDotProductDims) {
   EXPECT_STREQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->sku(), "cpu.avx512");
 }
 
+// Paged 8-bit K/V at a dot-product dim walk each run of up to 64 keys over its pages in one call
+// per kv head (listed rows): odd page sizes, so runs start and end mid-page; chunks that are not
+// multiples of 64 keys; windows and sinks that start runs anywhere; decode and extend.
+TEST(Attention, EightBitRunsOverOddPages) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  for (const DType dt : {DType::int8, DType::fp8_e4m3}) {
+    for (const int64_t page : {1, 3, 17}) {
+      for (const PageLayout layout : {PageLayout::nhd, PageLayout::hnd}) {
+        for (int option = 0; option < 3; ++option) {
+          Config cfg;
+          cfg.k = cfg.v = dt;
+          cfg.dim = 128;
+          cfg.hq = 12;
+          cfg.hkv = 3;
+          cfg.q = DType::bf16;
+          cfg.seq_lens = {301, 45, 130};
+          cfg.page_size = page;
+          cfg.layout = layout;
+          cfg.chunk = page * (page == 1 ? 100 : 7);
+          if (option == 1) cfg.window = 77;
+          if (option == 2) {
+            cfg.window = 40;
+            cfg.sink_tokens = 5;
+            cfg.q_counts = {3, 1, 7};
+          }
+          check_problem(cfg, seed,
+                        std::string(name(dt)) + " page " + std::to_string(page) +
+                            (layout == PageLayout::nhd ? " nhd" : " hnd") + " option " +
+                            std::to_string(option));
+        }
+      }
+    }
+  }
+}
+
 // Quantized storage vs the same data in float: the error the storage adds, for |x| <= 1,
 // head_dim 128 and 200 keys. Stated bounds: int8 0.005, fp8_e4m3 0.03 (max abs on o; measured
 // ~0.0015 and ~0.009).

@@ -1,16 +1,17 @@
 // Copyright kvcache authors. SPDX-License-Identifier: Apache-2.0
 // CPU attention: the driver (work split, online softmax, log-sum-exp merge of chunks, threading).
-// The row loops are in attention_portable.cpp and attention_avx512.cpp.
+// The row loops are in attention_portable.cpp, attention_avx2.cpp and attention_avx512*.cpp.
 //
 // Work item = (sequence, kv head, tile of query rows, chunk of keys). A tile holds the rows
 // (query, head) of one GQA group, so each K/V row is loaded once for all of them; decode has one
 // tile per group unless the group exceeds kMaxRows, and over pages an item takes several kv heads
 // (one tile each). Chunks sit at multiples of the plan's chunk size in absolute key positions. An
-// item walks its chunk in runs (at most kRunRows keys), calls score() per page and kv head,
-// soft-caps and masks, keeps a running max and sum in base 2 (q is pre-multiplied by
-// scale * log2(e)) and calls accumulate(). A sequence whose keys fit one chunk writes o directly;
-// otherwise each item leaves (max, sum, unnormalized o) in the workspace and a second pass merges
-// the chunks by the log-sum-exp rule and adds the sink.
+// item walks its chunk in runs (at most kRunRows keys), calls score() per page and kv head (paged
+// 8-bit K/V with the dot-product loops: once per kv head over the run's listed rows,
+// run_item<true>), soft-caps and masks, keeps a running max and sum in base 2 (q is pre-multiplied
+// by scale * log2(e)) and calls accumulate(). A sequence whose keys fit one chunk writes o
+// directly; otherwise each item leaves (max, sum, unnormalized o) in the workspace and a second
+// pass merges the chunks by the log-sum-exp rule and adds the sink.
 
 #include "kvcache/attention.h"
 
@@ -240,6 +241,8 @@ struct Ctx {
   size_t k_elem = 0, v_elem = 0;
   int64_t page_size = 0;   // 0: contiguous
   bool same_rows = false;  // K and V rows share dtype and strides
+  // Paged 8-bit K/V with the dot-product loops: one call per kv head walks a run of pages.
+  ListedRowKernels listed;
 };
 
 SeqInfo seq_info(const Ctx& c, int64_t b) {
@@ -294,6 +297,67 @@ int64_t segment_length(const Ctx& c, int64_t t, int64_t hi) {
   return c.page_size > 0 ? std::min(hi - t, c.page_size - t % c.page_size) : hi - t;
 }
 
+// The rows of a run of keys as offsets into the K/V pools (elements) and their scales, for kv
+// head 0: K and V and every kv head share them (listed runs need one layout for K and V).
+struct RunList {
+  alignas(64) int64_t rows[kRunRows];
+  alignas(64) int64_t scales[kRunRows];
+  int64_t count = 0;
+};
+
+// Keys [t, t + n) of sequence b, page by page. REQUIRES paged K/V, n <= kRunRows.
+void list_run(const Ctx& c, int64_t b, int64_t t, int64_t n, RunList& out) {
+  const PageTable& pt = c.args->page_table;
+  const int32_t* pages = pt.indices.data() + pt.indptr[static_cast<size_t>(b)];
+  for (int64_t i = 0; i < n;) {
+    const int64_t page = pages[(t + i) / c.page_size];
+    const int64_t slot = (t + i) % c.page_size;
+    const int64_t m = std::min(n - i, c.page_size - slot);
+    for (int64_t j = 0; j < m; ++j) {
+      out.rows[i + j] = page * c.k_seq + (slot + j) * c.k_row;
+      out.scales[i + j] = page * c.ks_seq + (slot + j) * c.ks_row;
+    }
+    i += m;
+  }
+  out.count = n;
+}
+
+// Rows of kv head h listed by `list`, K or V; rows walked after them: none.
+ListedRows listed_rows(const Ctx& c, bool is_k, int64_t h, const RunList& list) {
+  ListedRows r;
+  r.dtype = is_k ? c.plan->desc.kv.k_dtype : c.plan->desc.kv.v_dtype;
+  r.data = (is_k ? c.k_base : c.v_base) + h * (is_k ? c.k_head : c.v_head);  // 1-byte elements
+  r.offsets = list.rows;
+  const float* sb = is_k ? c.ks_base : c.vs_base;
+  if (sb != nullptr) {
+    r.scales = sb + h * (is_k ? c.ks_head : c.vs_head);
+    r.scale_offsets = list.scales;
+  }
+  r.count = list.count;
+  r.dim = is_k ? c.dim : c.dim_v;
+  r.apart = c.k_row > c.dim;
+  return r;
+}
+
+// Prefetches into L2 the scale lines of kv heads [h, h + nh) for the keys of `list` (keys [t,
+// t + list.count)), page by page: the loops fetch a row's scale only where the walk
+// enters `next`, not where a run crosses into another page.
+void prefetch_run_scales(const Ctx& c, int64_t t, int64_t h, int64_t nh, const RunList& list) {
+  if (c.ks_base == nullptr) return;
+  for (int64_t i = 0; i < list.count; i += segment_length(c, t + i, t + list.count)) {
+    const int64_t m = segment_length(c, t + i, t + list.count);
+    for (const float* base : {c.ks_base, c.vs_base}) {
+      if (base == nullptr) continue;
+      // the page's scales of these slots and heads: one block from (slot i, head h) on
+      const auto* first = reinterpret_cast<const char*>(base + list.scales[i] + h * c.ks_head);
+      const auto* last =
+          reinterpret_cast<const char*>(base + list.scales[i + m - 1] + (h + nh - 1) * c.ks_head);
+      for (const char* p = first; p < last; p += 64) __builtin_prefetch(p, 0, 2);
+      __builtin_prefetch(last, 0, 2);
+    }
+  }
+}
+
 float* partial_at(const Ctx& c, int64_t row, int64_t head, int64_t chunk) {
   return c.partials + ((row * c.hq + head) * c.plan->max_chunks + chunk) * (c.dim_v + 2);
 }
@@ -320,6 +384,7 @@ void finish(const Ctx& c, int64_t row, int64_t head, float m, float l, float* ac
   }
 }
 
+template <bool kListed>
 void run_item(const Ctx& c, int64_t item) {
   const AttentionArgs& a = *c.args;
   const auto batch = static_cast<int64_t>(a.seq_lens.size());
@@ -419,40 +484,86 @@ void run_item(const Ctx& c, int64_t item) {
       for (const char* p = first; p < last; p += 4096) __builtin_prefetch(p, 0, 2);
       __builtin_prefetch(last, 0, 2);
     };
-    const bool direct = nh == 1 && segment_length(c, t0, t0 + n) == n;
-    if (direct) {
-      touch(true, t0);
-      c.kernels.score(qf, nrows, walk_rows(true, 0, t0, n), sc);
+    if constexpr (kListed) {
+      // One call per kv head over the whole run (every page of it); the lists of this run and of
+      // the next (after its last V rows the loops prefetch the next run's first K rows).
+      RunList cur;
+      RunList nxt;
+      list_run(c, b, t0, n, cur);
+      int64_t t1 = t0 + n;
+      if (t1 == sink_hi) t1 = std::max(t1, lo);
+      if (t1 < hi) {
+        list_run(c, b, t1, std::min(kRunRows, (t1 < sink_hi ? sink_hi : hi) - t1), nxt);
+        prefetch_run_scales(c, t1, h_lo, nh, nxt);
+      }
+      const auto walk = [&](bool is_k, int64_t k) {
+        ListedRows r = listed_rows(c, is_k, h_lo + k, cur);
+        ListedRows next;
+        if (k + 1 < nh) {
+          next = listed_rows(c, is_k, h_lo + k + 1, cur);
+        } else if (is_k) {
+          next = listed_rows(c, false, h_lo, cur);
+        } else {
+          next = listed_rows(c, true, h_lo, nxt);
+        }
+        r.next = next.data;
+        r.next_offsets = next.offsets;
+        r.next_scales = next.scales;
+        r.next_scale_offsets = next.scale_offsets;
+        r.next_count = next.count;
+        return r;
+      };
+      for (int64_t t = t0; t < t0 + n; t += segment_length(c, t, t0 + n)) touch(true, t);
+      for (int64_t k = 0; k < nh; ++k) {
+        c.listed.score(qf + k * rows_h * c.dim, rows_h, walk(true, k), sc + k * rows_h * n);
+      }
+      RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
+      // Every row sees every key of the run: no mask needed.
+      u.all_visible =
+          t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
+      c.update(u);
+      for (int64_t t = t0; t < t0 + n; t += segment_length(c, t, t0 + n)) touch(false, t);
+      for (int64_t k = 0; k < nh; ++k) {
+        c.listed.accumulate(sc + k * rows_h * n, rows_h, walk(false, k),
+                            acc + k * rows_h * c.dim_v);
+      }
     } else {
-      for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
-        m2 = segment_length(c, t, t0 + n);
-        touch(true, t);
-        for (int64_t k = 0; k < nh; ++k) {
-          c.kernels.score(qf + k * rows_h * c.dim, rows_h, walk_rows(true, k, t, m2), seg);
-          for (int64_t j = 0; j < rows_h; ++j) {
-            std::copy(seg + j * m2, seg + (j + 1) * m2, sc + (k * rows_h + j) * n + (t - t0));
+      const bool direct = nh == 1 && segment_length(c, t0, t0 + n) == n;
+      if (direct) {
+        touch(true, t0);
+        c.kernels.score(qf, nrows, walk_rows(true, 0, t0, n), sc);
+      } else {
+        for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
+          m2 = segment_length(c, t, t0 + n);
+          touch(true, t);
+          for (int64_t k = 0; k < nh; ++k) {
+            c.kernels.score(qf + k * rows_h * c.dim, rows_h, walk_rows(true, k, t, m2), seg);
+            for (int64_t j = 0; j < rows_h; ++j) {
+              std::copy(seg + j * m2, seg + (j + 1) * m2, sc + (k * rows_h + j) * n + (t - t0));
+            }
           }
         }
       }
-    }
-    RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
-    // Every row sees every key of the run: no mask needed.
-    u.all_visible =
-        t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
-    c.update(u);
-    if (direct) {
-      touch(false, t0);
-      c.kernels.accumulate(sc, nrows, walk_rows(false, 0, t0, n), acc);
-    } else {
-      for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
-        m2 = segment_length(c, t, t0 + n);
-        touch(false, t);
-        for (int64_t k = 0; k < nh; ++k) {
-          for (int64_t j = 0; j < rows_h; ++j) {
-            const float* p = sc + (k * rows_h + j) * n + (t - t0);
-            std::copy(p, p + m2, seg + j * m2);
+      RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
+      // Every row sees every key of the run: no mask needed.
+      u.all_visible =
+          t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
+      c.update(u);
+      if (direct) {
+        touch(false, t0);
+        c.kernels.accumulate(sc, nrows, walk_rows(false, 0, t0, n), acc);
+      } else {
+        for (int64_t t = t0, m2 = 0; t < t0 + n; t += m2) {
+          m2 = segment_length(c, t, t0 + n);
+          touch(false, t);
+          for (int64_t k = 0; k < nh; ++k) {
+            for (int64_t j = 0; j < rows_h; ++j) {
+              const float* p = sc + (k * rows_h + j) * n + (t - t0);
+              std::copy(p, p + m2, seg + j * m2);
+            }
+            c.kernels.accumulate(seg, rows_h, walk_rows(false, k, t, m2),
+                                 acc + k * rows_h * c.dim_v);
           }
-          c.kernels.accumulate(seg, rows_h, walk_rows(false, k, t, m2), acc + k * rows_h * c.dim_v);
         }
       }
     }
@@ -596,6 +707,12 @@ void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& 
 
   c.same_rows = c.k_elem == c.v_elem && c.dim == c.dim_v && c.k_row == c.v_row &&
                 c.ks_row == c.vs_row && d.kv.k_dtype == d.kv.v_dtype;
+  // Paged 8-bit K and V with the dot-product loops: one call per kv head walks a whole run of
+  // pages (listed rows). Every other case calls the strided loops per page.
+  if (plan.isa == CpuIsa::avx512 && plan.dot8 && d.pages && c.same_rows && c.k_seq == c.v_seq &&
+      c.k_head == c.v_head && dot8_applies(d.kv.k_dtype, c.dim)) {
+    c.listed = avx512_dot8_listed_rows(d.kv.k_dtype);
+  }
   const int threads = pool != nullptr ? pool->num_threads() : 1;
   // Decode over pages: one item takes several kv heads, so a page (all heads of its slots, in
   // either layout) is read as one block by one thread, not in per-head slices by several threads
@@ -623,7 +740,11 @@ void run_attention(const detail::AttentionPlanState& plan, const AttentionArgs& 
   // Items are taken one at a time from a shared counter: ragged batches balance themselves.
   std::atomic<int64_t> next{0};
   parallel(pool, std::min<int64_t>(threads, items), [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) run_item(c, i);
+    if (c.listed.score != nullptr) {
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) run_item<true>(c, i);
+    } else {
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) run_item<false>(c, i);
+    }
   });
   if (!split) return;
   const int64_t rows = args.q.shape[0];

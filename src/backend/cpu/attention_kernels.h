@@ -90,4 +90,40 @@ struct AttentionRowKernels {
 // rounding stated above.
 [[nodiscard]] bool avx512_dot8_attention_rows_self_test();
 
+// Rows of one kv head listed over the pages of a run (paged 8-bit K/V with the dot-product loops
+// only; attention_avx512_dot8_listed.cpp): row t holds dim bytes at data + offsets[t], its scale
+// is scales[scale_offsets[t]] (scales == nullptr: 1). One call covers a whole run of pages, so the
+// driver neither calls the loops per page nor copies logits and weights between runs and pages.
+// The rows walked after these are listed the same way (next, next_count == 0: none); the loops
+// prefetch into them as these end.
+struct ListedRows {
+  const void* data = nullptr;
+  DType dtype = DType::int8;  // int8 or fp8_e4m3
+  const int64_t* offsets = nullptr;
+  const float* scales = nullptr;
+  const int64_t* scale_offsets = nullptr;
+  int64_t count = 0;   // rows
+  int64_t dim = 0;     // elements per row, a multiple of 64 (dot8_applies)
+  bool apart = false;  // rows lie apart within a page (NHD): prefetch into L2, not L1
+  const void* next = nullptr;
+  const int64_t* next_offsets = nullptr;
+  const float* next_scales = nullptr;
+  const int64_t* next_scale_offsets = nullptr;
+  int64_t next_count = 0;
+};
+
+// score() and accumulate() of AttentionRowKernels over listed rows, with the same results up to
+// float rounding (the same q and weight steps: weights per 64 rows of one call).
+using ScoreListedFn = void (*)(const float* q, int64_t group, const ListedRows& k, float* s);
+using AccumulateListedFn = void (*)(const float* p, int64_t group, const ListedRows& v, float* acc);
+
+struct ListedRowKernels {
+  ScoreListedFn score = nullptr;
+  AccumulateListedFn accumulate = nullptr;
+};
+
+// The dot-product loops over listed rows; q rows come from avx512_dot8_attention_rows' prepare_q.
+// REQUIRES cpu_has_dot8() and dot8_applies(dtype, dim) for the rows passed.
+[[nodiscard]] ListedRowKernels avx512_dot8_listed_rows(DType dtype);
+
 }  // namespace kvcache::cpu

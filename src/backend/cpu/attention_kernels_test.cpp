@@ -9,6 +9,8 @@
 // (AttentionDot8Rows) add the rounding they state: q and the weights to bf16 (fp8: 2^-9 of each
 // term) or to int16 steps of the largest / 32767 (int8: 2^-16 of max|q| * sum |k| per score, of max
 // |w| * sum |v| per accumulated element); the tests allow twice that.
+// The dot-product loops over listed rows (paged 8-bit K/V) read runs over shuffled pages of odd
+// sizes, starting mid-page, from pools whose unlisted rows, pages and scales are poisoned.
 
 #include "backend/cpu/attention_kernels.h"
 
@@ -487,6 +489,255 @@ TEST_F(AttentionDot8Rows, SelfTestAgreesWithPortableLoops) {
   EXPECT_TRUE(avx512_dot8_attention_rows_self_test());
   EXPECT_TRUE(avx512_dot8_attention_rows_self_test());  // the cached answer
   EXPECT_STREQ(avx512_dot8_attention_rows(DType::int8, 128).isa, "avx512.dot8");
+}
+
+// --- the dot-product loops over listed rows (paged 8-bit K/V) ---
+
+// A page pool of 8-bit rows (num_kv_heads 3, NHD or HND) where only the rows of one run of
+// keys over shuffled pages hold values: every other byte is poison (int8 127, fp8 NaN) and every
+// other scale NaN, so a row or scale read from the wrong slot, page or head shows. The run starts
+// mid-page; ListedRows view kv head `head` of it the way the driver lists a run (offsets of head 0,
+// data and scales moved to the head).
+struct ListedRun {
+  std::vector<std::byte> data;
+  std::vector<float> scales;
+  std::vector<int64_t> offsets;
+  std::vector<int64_t> scale_offsets;
+  std::vector<double> values;  // [count, dim]
+  std::vector<double> row_scales;
+  ListedRows view;
+};
+
+ListedRun random_listed_run(DType dtype, int64_t dim, int64_t page_size, bool nhd, int64_t count,
+                            std::mt19937& rng) {
+  constexpr int64_t kHeads = 3;
+  const int64_t head = uniform_int(rng, 0, kHeads - 1);
+  const int64_t first_slot = uniform_int(rng, 0, page_size - 1);
+  const int64_t used_pages = (first_slot + count + page_size - 1) / page_size;
+  const int64_t num_pages = used_pages + 3;  // pages no run lists stay poisoned
+  std::vector<int64_t> pages(static_cast<size_t>(num_pages));
+  for (int64_t i = 0; i < num_pages; ++i) pages[static_cast<size_t>(i)] = i;
+  std::shuffle(pages.begin(), pages.end(), rng);
+  // element strides of (page, slot, head); scales the same without dim
+  const int64_t page_stride = page_size * kHeads * dim;
+  const int64_t slot_stride = nhd ? kHeads * dim : dim;
+  const int64_t head_stride = nhd ? dim : page_size * dim;
+  const int64_t scale_slot = nhd ? kHeads : 1;
+  const int64_t scale_head = nhd ? 1 : page_size;
+
+  ListedRun r;
+  const auto poison = std::byte{0x7f};  // int8 127, an fp8_e4m3 NaN
+  r.data.assign(static_cast<size_t>(num_pages * page_stride), poison);
+  r.scales.assign(static_cast<size_t>(num_pages * page_size * kHeads), std::nanf(""));
+  std::uniform_real_distribution<float> scale(0.01f, 1.0f);
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t key = first_slot + t;
+    const int64_t page = pages[static_cast<size_t>(key / page_size)];
+    const int64_t slot = key % page_size;
+    r.offsets.push_back(page * page_stride + slot * slot_stride);
+    r.scale_offsets.push_back(page * page_size * kHeads + slot * scale_slot);
+    std::byte* row = r.data.data() + r.offsets.back() + head * head_stride;
+    for (int64_t d = 0; d < dim; ++d) {
+      uint8_t v = 0x7f;
+      if (dtype == DType::int8) {
+        v = static_cast<uint8_t>(static_cast<int8_t>(uniform_int(rng, -127, 127)));
+        r.values.push_back(static_cast<int8_t>(v));
+      } else {
+        while ((v & 0x7f) == 0x7f) v = static_cast<uint8_t>(uniform_int(rng, 0, 255));
+        r.values.push_back(fp8_e4m3_to_float(v));
+      }
+      row[d] = std::byte{v};
+    }
+    float& s = r.scales[static_cast<size_t>(r.scale_offsets.back() + head * scale_head)];
+    s = scale(rng);
+    r.row_scales.push_back(s);
+  }
+  r.view.data = r.data.data() + head * head_stride;
+  r.view.dtype = dtype;
+  r.view.offsets = r.offsets.data();
+  r.view.scales = r.scales.data() + head * scale_head;
+  r.view.scale_offsets = r.scale_offsets.data();
+  r.view.count = count;
+  r.view.dim = dim;
+  r.view.apart = nhd;
+  return r;
+}
+
+// Points the run's next rows at its own rows (as the next kv head of the same keys would be) for
+// every other run length: the loops prefetch into them, which must not change any result.
+void with_next_listed(ListedRun& r) {
+  if (r.view.count % 2 != 0) return;
+  r.view.next = r.view.data;
+  r.view.next_offsets = r.view.offsets;
+  r.view.next_scales = r.view.scales;
+  r.view.next_scale_offsets = r.view.scale_offsets;
+  r.view.next_count = r.view.count;
+}
+
+// (dtype, dim, page size, layout), one random group in [1, 8] and run length in [1, 150] each.
+template <class F>
+void for_each_listed_case(std::mt19937& rng, F&& f) {
+  for (const DType dtype : kDot8Storage) {
+    for (const int64_t dim : {int64_t{64}, int64_t{128}, int64_t{192}}) {
+      for (const int64_t page_size :
+           {int64_t{1}, int64_t{3}, int64_t{5}, int64_t{16}, int64_t{17}}) {
+        for (const bool nhd : {true, false}) {
+          const int64_t group = uniform_int(rng, 1, 8);
+          const int64_t count = uniform_int(rng, 1, 150);
+          SCOPED_TRACE(::testing::Message()
+                       << name(dtype) << " dim " << dim << " page " << page_size
+                       << (nhd ? " nhd" : " hnd") << " group " << group << " count " << count);
+          ListedRun run = random_listed_run(dtype, dim, page_size, nhd, count, rng);
+          with_next_listed(run);
+          f(run, group);
+        }
+      }
+    }
+  }
+}
+
+TEST_F(AttentionDot8Rows, ListedScoreMatchesFloat64WithinStatedRounding) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for_each_listed_case(rng, [&](const ListedRun& k, int64_t group) {
+    const int64_t dim = k.view.dim;
+    const int64_t count = k.view.count;
+    const AttentionRowKernels kernels = avx512_dot8_attention_rows(k.view.dtype, dim);
+    const std::vector<float> q = random_floats(static_cast<size_t>(group * dim), -1.0f, 1.0f, rng);
+    const size_t n_out = static_cast<size_t>(group * count);
+    std::vector<double> want(n_out, 0.0);
+    std::vector<double> tol(n_out, 0.0);
+    for (int64_t g = 0; g < group; ++g) {
+      double q_max = 0.0;
+      for (int64_t d = 0; d < dim; ++d) {
+        q_max =
+            std::max(q_max, std::fabs(static_cast<double>(q[static_cast<size_t>(g * dim + d)])));
+      }
+      for (int64_t t = 0; t < count; ++t) {
+        double mag = 0.0;
+        double k_abs = 0.0;
+        const auto i = static_cast<size_t>(g * count + t);
+        for (int64_t d = 0; d < dim; ++d) {
+          const double kv =
+              k.values[static_cast<size_t>(t * dim + d)] * k.row_scales[static_cast<size_t>(t)];
+          const double term = static_cast<double>(q[static_cast<size_t>(g * dim + d)]) * kv;
+          want[i] += term;
+          mag += std::fabs(term);
+          k_abs += std::fabs(kv);
+        }
+        const double rounding =
+            k.view.dtype == DType::int8 ? 0x1p-15 * q_max * k_abs : 0x1p-8 * mag;
+        tol[i] = rounding + static_cast<double>(dim + 4) * 0x1p-23 * mag;
+      }
+    }
+    std::vector<float> s(n_out + kGuard, std::nanf(""));
+    uint32_t poison = 0;
+    std::memcpy(&poison, &s[0], 4);
+    avx512_dot8_listed_rows(k.view.dtype)
+        .score(prepared(kernels, q, group, dim).data(), group, k.view, s.data());
+    for (size_t i = 0; i < n_out; ++i) {
+      ASSERT_LE(std::fabs(static_cast<double>(s[i]) - want[i]), tol[i])
+          << "s[" << i << "] = " << s[i] << ", want " << want[i];
+    }
+    ASSERT_EQ(first_written_guard(s, n_out, poison), -1) << "a guard after s was written";
+  });
+}
+
+TEST_F(AttentionDot8Rows, ListedAccumulateMatchesFloat64WithinStatedRounding) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for_each_listed_case(rng, [&](const ListedRun& v, int64_t group) {
+    const int64_t dim = v.view.dim;
+    const int64_t count = v.view.count;
+    const std::vector<float> p = random_floats(static_cast<size_t>(group * count), 0.0f, 1.0f, rng);
+    const size_t n_acc = static_cast<size_t>(group * dim);
+    std::vector<float> acc = random_floats(n_acc, -1.0f, 1.0f, rng);
+    std::vector<double> want(acc.begin(), acc.end());
+    std::vector<double> tol(n_acc);
+    for (int64_t g = 0; g < group; ++g) {
+      double w_max = 0.0;
+      for (int64_t t = 0; t < count; ++t) {
+        w_max = std::max(
+            w_max, p[static_cast<size_t>(g * count + t)] * v.row_scales[static_cast<size_t>(t)]);
+      }
+      for (int64_t d = 0; d < dim; ++d) {
+        const auto i = static_cast<size_t>(g * dim + d);
+        double mag = std::fabs(want[i]);
+        double v_abs = 0.0;
+        double terms_abs = 0.0;
+        for (int64_t t = 0; t < count; ++t) {
+          const double w = static_cast<double>(p[static_cast<size_t>(g * count + t)]) *
+                           v.row_scales[static_cast<size_t>(t)];
+          const double term = w * v.values[static_cast<size_t>(t * dim + d)];
+          want[i] += term;
+          terms_abs += std::fabs(term);
+          v_abs += std::fabs(v.values[static_cast<size_t>(t * dim + d)]);
+        }
+        mag += terms_abs;
+        const double rounding =
+            v.view.dtype == DType::int8 ? 0x1p-15 * w_max * v_abs : 0x1p-8 * terms_abs;
+        tol[i] = rounding + static_cast<double>(count + 4) * 0x1p-23 * mag;
+      }
+    }
+    const float poison = std::nanf("");
+    acc.resize(n_acc + kGuard, poison);
+    uint32_t poison_bits = 0;
+    std::memcpy(&poison_bits, &poison, 4);
+    avx512_dot8_listed_rows(v.view.dtype).accumulate(p.data(), group, v.view, acc.data());
+    for (size_t i = 0; i < n_acc; ++i) {
+      ASSERT_LE(std::fabs(static_cast<double>(acc[i]) - want[i]), tol[i])
+          << "acc[" << i << "] = " << acc[i] << ", want " << want[i];
+    }
+    ASSERT_EQ(first_written_guard(acc, n_acc, poison_bits), -1) << "a guard after acc was written";
+  });
+}
+
+// Listed rows that happen to lie a stride apart give the strided loops' results bit for bit (the
+// same words, weights and sums in the same order).
+TEST_F(AttentionDot8Rows, ListedRowsEqualStridedRows) {
+  const uint32_t seed = test_seed();
+  SCOPED_TRACE(seed_trace(seed));
+  std::mt19937 rng(seed);
+  for (const DType dtype : kDot8Storage) {
+    for (const int64_t count : {int64_t{16}, int64_t{64}, int64_t{101}}) {
+      SCOPED_TRACE(::testing::Message() << name(dtype) << " count " << count);
+      constexpr int64_t kDim = 128;
+      constexpr int64_t kGroup = 4;
+      Rows r = random_rows(dtype, count, kDim, 3 * kDim, rng);
+      std::vector<int64_t> offsets;
+      std::vector<int64_t> scale_offsets;
+      for (int64_t t = 0; t < count; ++t) {
+        offsets.push_back(t * r.view.stride);
+        scale_offsets.push_back(t * r.view.scale_stride);
+      }
+      ListedRows listed;
+      listed.data = r.view.data;
+      listed.dtype = dtype;
+      listed.offsets = offsets.data();
+      listed.scales = r.view.scales;
+      listed.scale_offsets = scale_offsets.data();
+      listed.count = count;
+      listed.dim = kDim;
+      listed.apart = true;
+      const AttentionRowKernels strided = avx512_dot8_attention_rows(dtype, kDim);
+      const ListedRowKernels by_list = avx512_dot8_listed_rows(dtype);
+      const std::vector<float> q =
+          prepared(strided, random_floats(kGroup * kDim, -1.0f, 1.0f, rng), kGroup, kDim);
+      std::vector<float> s1(static_cast<size_t>(kGroup * count));
+      std::vector<float> s2(s1.size());
+      strided.score(q.data(), kGroup, r.view, s1.data());
+      by_list.score(q.data(), kGroup, listed, s2.data());
+      EXPECT_EQ(s1, s2);
+      const std::vector<float> p = random_floats(s1.size(), 0.0f, 1.0f, rng);
+      std::vector<float> a1 = random_floats(kGroup * kDim, -1.0f, 1.0f, rng);
+      std::vector<float> a2 = a1;
+      strided.accumulate(p.data(), kGroup, r.view, a1.data());
+      by_list.accumulate(p.data(), kGroup, listed, a2.data());
+      EXPECT_EQ(a1, a2);
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
