@@ -175,8 +175,7 @@ const char* PagedAppendPlan::sku() const {
 Precision PagedAppendPlan::precision() const {
   return Precision{true, 0.0, 0.0,
                    "bit-exact: conversions round to nearest even as dtype.h does; int8 / fp8 "
-                   "follow ops/quantize.h's rule (CUDA: except the scale of an f32 row holding a "
-                   "signaling NaN, whose host maximum depends on glibc's fmaxf order)"};
+                   "follow ops/quantize.h's rule"};
 }
 
 }  // namespace kvcache

@@ -62,7 +62,7 @@ float portable_row(const void* src, int64_t n, void* dst) {
     return 0.0f;
   } else if constexpr (kQuantized<Dst>) {
     float absmax = 0.0f;
-    for (int64_t i = 0; i < n; ++i) absmax = std::fmax(absmax, std::fabs(load_float(s, i)));
+    for (int64_t i = 0; i < n; ++i) absmax = ops::absmax_step(absmax, load_float(s, i));
     const float inv = absmax > 0.0f ? kQMax<Dst> / absmax : 0.0f;
     for (int64_t i = 0; i < n; ++i) store_float(d, i, load_float(s, i) * inv);
     return absmax / kQMax<Dst>;

@@ -287,21 +287,16 @@ KV_AVX512 inline float magnitude_value(uint32_t bits, std::type_identity<f16_t>)
   return _mm512_cvtss_f32(_mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(bits))));
 }
 
-// ops::row_absmax with NaN lanes dropped as fmax drops a quiet NaN: with the sign cleared, non-NaN
-// patterns order as their magnitudes. NaN for an f32 row holding a signaling NaN, on which glibc's
-// fmax returns NaN and the rule's result depends on the order: the caller takes ops::quantize_row.
+// ops::row_absmax: the largest magnitude over the non-NaN lanes (with the sign cleared, non-NaN
+// patterns order as their magnitudes).
 KV_AVX512 inline float careful_absmax(const float* s, int64_t n) {
   __m512i m = _mm512_setzero_si512();
-  __mmask16 signaling = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __m512i a = _mm512_and_si512(
         _mm512_castps_si512(_mm512_maskz_loadu_ps(tail_mask(n - i), s + i)), splat(0x7fffffffu));
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(a, splat(0x7f800000u));
-    signaling =
-        static_cast<__mmask16>(signaling | (nan & _mm512_cmplt_epu32_mask(a, splat(0x7fc00000u))));
     m = _mm512_max_epu32(m, _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), a));
   }
-  if (signaling != 0) return NAN;
   return magnitude_value(_mm512_reduce_max_epu32(m), std::type_identity<float>{});
 }
 template <class T>
@@ -330,9 +325,6 @@ KV_AVX512 inline float quantize_row(const Src* s, int64_t n, Dst* d, bool stream
   const bool clean = bits < kInfBits<Src>;
   const float absmax =
       clean ? magnitude_value(bits, std::type_identity<Src>{}) : careful_absmax(s, n);
-  if constexpr (std::is_same_v<Src, float>) {
-    if (std::isnan(absmax)) return ops::quantize_row(s, n, d);
-  }
   const float inv = absmax > 0.0f ? kQMax<Dst> / absmax : 0.0f;
   const __m512 vinv = _mm512_set1_ps(inv);
   int64_t i = 0;

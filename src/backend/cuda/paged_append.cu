@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(cuda::kWriteThreads)
   float* scale =
       cuda::is_quantized(pool.elem) ? pool.scales + pool.scale_at(page, in_page, head) : nullptr;
   if constexpr (kVec) {
-    cuda::write_row(lr, active, idx, width, map, pool, at, scale);
+    cuda::write_row(lr, active, idx, width, pool, at, scale);
   } else {
     cuda::write_row_scalar(src, dim, active, lane, pool, at, scale);
   }

@@ -56,7 +56,8 @@ struct QkvKernelParams {
   int32_t pairs_qk = 0;  // the ChunkMap of q / k rows: neox rotary_dim / 16, gptj 0
   int64_t warps_qk = 0;
   int64_t warps_per_token = 0;
-  FastDiv token_div;  // by warps_per_token
+  FastDiv token_div;     // by warps_per_token
+  bool f32_out = false;  // q or k stored as f32
   cuda::DeviceErrorRecord* errors = nullptr;
 };
 
@@ -128,7 +129,7 @@ __device__ __forceinline__ void vec_v_rows(const QkvKernelParams& p, const In* r
   int64_t page = 0;
   int64_t in_page = 0;
   const bool write = in_range && token_slot(p, t, look, h == 0 && idx == 0, &page, &in_page);
-  cuda::write_row(lr, write, idx, width, map, p.v, p.v.row(page, in_page, h),
+  cuda::write_row(lr, write, idx, width, p.v, p.v.row(page, in_page, h),
                   scale_of(p.v, page, in_page, h));
 }
 
@@ -254,22 +255,17 @@ __global__ void __launch_bounds__(cuda::kWriteThreads)
     if (wb) cuda::store_float8(p.q_out, p.q_elem, at + 8 * lr.cb, xb);
     if (!k_quantized) return;  // else on to the group maximum with the warp's k rows
   }
-  const int64_t head = r - p.num_q_heads;
+  const int64_t head = is_q ? 0 : r - p.num_q_heads;
   const int64_t at = p.k.row(page, in_page, head);
   if (!k_quantized) {
     if (wa) cuda::store_float8(p.k.data, p.k.elem, at + 8 * lr.ca, xa);
     if (wb) cuda::store_float8(p.k.data, p.k.elem, at + 8 * lr.cb, xb);
     return;
   }
-  // Every lane of the warp, q rows included. Only passthrough elements of f32 rows without
-  // QK-norm can still be signaling NaNs (arithmetic quiets).
-  const float m = cuda::group_absmax<sizeof(In) == 4>(xa, xb, lr.has_a, lr.has_b, map, width);
-  if (is_q) return;
-  const float qmax = cuda::quantized_max(p.k.elem);
-  const float inv = cuda::quantize_inv(m, qmax);
-  if (wa) cuda::store_quantized8(p.k.data, p.k.elem, at + 8 * lr.ca, xa, inv);
-  if (wb) cuda::store_quantized8(p.k.data, p.k.elem, at + 8 * lr.cb, xb, inv);
-  if (wa && idx == 0) *scale_of(p.k, page, in_page, head) = cuda::store_scale(m, qmax);
+  // Every lane of the warp, q rows included (they store nothing).
+  cuda::store_quantized_row(p.k.data, p.k.elem, at, xa, xb, lr.has_a, lr.has_b, wa && !is_q,
+                            wb && !is_q, lr.ca, lr.cb, idx, width,
+                            scale_of(p.k, page, in_page, head));
 }
 
 // --- scalar kernel: a warp per row ---

@@ -43,8 +43,7 @@ __device__ __forceinline__ LaneRow<In> load_lane_row(const In* row, const ChunkM
 // quantized path takes the group's maximum over every chunk loaded (has_a / has_b).
 template <class In>
 __device__ __forceinline__ void write_row(const LaneRow<In>& r, bool write, int idx, int width,
-                                          const ChunkMap& map, const DevicePool& pool, int64_t at,
-                                          float* scale) {
+                                          const DevicePool& pool, int64_t at, float* scale) {
   const Elem e = pool.elem;
   const bool wa = write && r.has_a;
   const bool wb = write && r.has_b;
@@ -54,23 +53,20 @@ __device__ __forceinline__ void write_row(const LaneRow<In>& r, bool write, int 
     return;
   }
   float xa[8], xb[8];
-  to_float8(r.a, xa);
-  to_float8(r.b, xb);
   if (!is_quantized(e)) {
+    to_float8(r.a, xa);
+    to_float8(r.b, xb);
     if (wa) store_float8(pool.data, e, at + 8 * r.ca, xa);
     if (wb) store_float8(pool.data, e, at + 8 * r.cb, xb);
     return;
   }
-  const float m = group_absmax<sizeof(In) == 4>(xa, xb, r.has_a, r.has_b, map, width);
-  const float qmax = quantized_max(e);
-  const float inv = quantize_inv(m, qmax);
-  if (wa) store_quantized8(pool.data, e, at + 8 * r.ca, xa, inv);
-  if (wb) store_quantized8(pool.data, e, at + 8 * r.cb, xb, inv);
-  if (wa && idx == 0) *scale = store_scale(m, qmax);
+  to_float8(r.a, xa);
+  to_float8(r.b, xb);
+  store_quantized_row(pool.data, e, at, xa, xb, r.has_a, r.has_b, wa, wb, r.ca, r.cb, idx, width,
+                      scale);
 }
 
-// value(k): the float of element k (k < dim); called once per element per pass (every element by
-// every lane in the order-dependent fold of a row holding a signaling NaN).
+// value(k): the float of element k (k < dim); called once per element per pass.
 template <class F>
 __device__ __forceinline__ void store_row_scalar(F&& value, int dim, bool active, int lane, Elem e,
                                                  void* base, int64_t at, float* scale) {
@@ -81,19 +77,10 @@ __device__ __forceinline__ void store_row_scalar(F&& value, int dim, bool active
     return;
   }
   float m = 0.0f;
-  bool signaling = false;
   if (active) {
-    for (int k = lane; k < dim; k += 32) {
-      const float v = value(k);
-      m = fmaxf(m, fabsf(v));
-      signaling |= is_signaling_nan(v);
-    }
+    for (int k = lane; k < dim; k += 32) m = fmaxf(m, fabsf(value(k)));
   }
   m = group_max(m, 32);
-  if (__any_sync(kFullMask, signaling)) {  // ops::row_absmax's order (write_common.cuh)
-    m = 0.0f;
-    for (int k = 0; k < dim; ++k) m = host_fmax(m, abs_bits(value(k)));
-  }
   const float qmax = quantized_max(e);
   if (!active) return;
   const float inv = quantize_inv(m, qmax);

@@ -5,8 +5,8 @@
 // programmatic dependent launch, division by a run-time constant, lane groups, token -> slot
 // lookup in rounds of loads with the index checks, pool addressing, rows as 8-element chunks spread
 // over a group of lanes (ChunkMap) and their conversion to and from every storage dtype, the group
-// reductions, and the float operations of ops/quantize.h with the host's NaN results (glibc's
-// fmaxf on signaling NaNs included). Include from .cu files only.
+// reductions, and the float operations of ops/quantize.h with the host's NaN results. Include from
+// .cu files only.
 //
 // Float arithmetic that must agree with the CPU is written with the _rn intrinsics: nvcc would
 // otherwise contract a * b + c into one fma, which the CPU's portable kernels (built without FMA
@@ -273,47 +273,17 @@ __device__ __forceinline__ float quantize_inv(float absmax, float qmax) {
   return absmax > 0.0f ? __fdiv_rn(qmax, absmax) : 0.0f;
 }
 
-// absmax / qmax; a NaN absmax (see host_fmax) keeps its bits, as x86 division does.
+// absmax / qmax (absmax is never NaN: group_absmax skips NaN).
 __device__ __forceinline__ float store_scale(float absmax, float qmax) {
-  return absmax == absmax ? __fdiv_rn(absmax, qmax) : absmax;
+  return __fdiv_rn(absmax, qmax);
 }
 
 // The maximum over an aligned group of `width` lanes (a power of two <= 32). Every lane of the
-// warp calls it. fmaxf ignores NaN, as std::fmax does for a quiet NaN, so any order gives the
-// CPU's value for rows without a signaling NaN.
+// warp calls it. fmaxf returns the other operand for a NaN (signaling too), which is
+// ops::absmax_step's rule, so any order gives the CPU's value.
 __device__ __forceinline__ float group_max(float v, int width) {
   for (int o = width >> 1; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
-}
-
-// --- signaling NaN: the one input on which the host's row maximum depends on the order ---
-// ops::row_absmax folds m = std::fmax(m, |x[i]|) from i = 0 up, and glibc's fmaxf returns a quiet
-// NaN (x + y) when an operand is a signaling NaN, so each signaling NaN restarts the maximum.
-// Only f32 inputs can hold one (f16 / bf16 widen to quiet NaNs, arithmetic quiets).
-
-__device__ __forceinline__ bool is_signaling_nan(float x) {
-  const uint32_t a = __float_as_uint(x) & 0x7fffffffu;
-  return a > 0x7f800000u && a < 0x7fc00000u;
-}
-
-__device__ __forceinline__ float quiet_nan(float x) {
-  return __uint_as_float(__float_as_uint(x) | 0x00400000u);
-}
-
-// |x| by its bits (a signaling NaN stays signaling).
-__device__ __forceinline__ float abs_bits(float x) {
-  return __uint_as_float(__float_as_uint(x) & 0x7fffffffu);
-}
-
-// glibc's fmaxf(x, y) on x86-64 (sysdeps/x86_64/fpu/s_fmaxf.S), every NaN case included: a quiet
-// NaN loses to a number; a signaling NaN gives x + y, the first NaN operand quieted.
-__device__ __forceinline__ float host_fmax(float x, float y) {
-  const bool x_nan = x != x;
-  const bool y_nan = y != y;
-  if (!x_nan && !y_nan) return x > y ? x : y;  // maxss: y on ties
-  if (!y_nan) return is_signaling_nan(x) ? quiet_nan(x) : y;
-  if (!x_nan) return is_signaling_nan(y) ? quiet_nan(y) : x;
-  return quiet_nan(x);
 }
 
 // --- rows held by groups of lanes, up to two 8-element chunks per lane ---
@@ -338,58 +308,19 @@ struct ChunkMap {
   __device__ __forceinline__ int chunk_b(int i) const {
     return i < pairs ? i + pairs : (i < pairs + rest_half() ? pairs + i + rest_half() : num_chunks);
   }
-  // The lane holding chunk c, and whether as its chunk b.
-  __device__ __forceinline__ int owner(int c, bool* is_b) const {
-    if (c < 2 * pairs) {
-      *is_b = c >= pairs;
-      return c < pairs ? c : c - pairs;
-    }
-    const int j = c - 2 * pairs;
-    const int h = rest_half();
-    *is_b = j >= h;
-    return pairs + (j < h ? j : j - h);
-  }
 };
 
-// The row's absolute maximum in ops::row_absmax's order (host_fmax from element 0 up), for a row
-// with a signaling NaN: chunk by chunk from the lanes of the group (ChunkMap) that hold xa / xb.
-// Every lane of the warp calls it with the same map and width; every lane gets its group's value.
-__device__ __forceinline__ float ordered_absmax(const float (&xa)[8], const float (&xb)[8],
-                                                const ChunkMap& map, int width) {
-  float m = 0.0f;
-  for (int c = 0; c < map.num_chunks; ++c) {
-    bool is_b = false;
-    const int src = map.owner(c, &is_b);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      m = host_fmax(m, abs_bits(__shfl_sync(kFullMask, is_b ? xb[k] : xa[k], src, width)));
-    }
-  }
-  return m;
-}
-
-// The absolute maximum of a group's row as the host computes it. xa / xb: this lane's chunks
-// (counted when has_a / has_b). kMaySignal: the values can hold a signaling NaN (f32 inputs);
-// then a warp holding one takes the ordered fold. Every lane of the warp calls it.
-template <bool kMaySignal>
+// The absolute maximum of a group's row as ops::row_absmax computes it (NaN skipped). xa / xb:
+// this lane's chunks (counted when has_a / has_b). Every lane of the warp calls it.
 __device__ __forceinline__ float group_absmax(const float (&xa)[8], const float (&xb)[8],
-                                              bool has_a, bool has_b, const ChunkMap& map,
-                                              int width) {
+                                              bool has_a, bool has_b, int width) {
   float m = 0.0f;
-  bool signaling = false;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     if (has_a) m = fmaxf(m, fabsf(xa[k]));
     if (has_b) m = fmaxf(m, fabsf(xb[k]));
-    if constexpr (kMaySignal) {
-      signaling |= (has_a && is_signaling_nan(xa[k])) || (has_b && is_signaling_nan(xb[k]));
-    }
   }
-  m = group_max(m, width);
-  if constexpr (kMaySignal) {
-    if (__any_sync(kFullMask, signaling)) m = ordered_absmax(xa, xb, map, width);
-  }
-  return m;
+  return group_max(m, width);
 }
 
 // --- byte copies: one unit of 16, 8, 4, 2 or 1 bytes (p aligned to it), in the low bytes ---
@@ -535,6 +466,23 @@ __device__ __forceinline__ void store_quantized8(void* base, Elem e, int64_t i, 
     w[k / 4] |= b << (8 * (k % 4));
   }
   *reinterpret_cast<uint2*>(static_cast<uint8_t*>(base) + i) = make_uint2(w[0], w[1]);
+}
+
+// ops/quantize.h's rule for a row held by a group of `width` lanes (ChunkMap): the group's
+// maximum over every chunk it holds (has_a / has_b), this lane's codes stored at elements
+// at + 8 * ca / cb when wa / wb, and the scale by the lane with wa and idx 0. e: int8 or e4m3.
+// Every lane of the warp calls it.
+__device__ __forceinline__ void store_quantized_row(void* base, Elem e, int64_t at,
+                                                    const float (&xa)[8], const float (&xb)[8],
+                                                    bool has_a, bool has_b, bool wa, bool wb,
+                                                    int ca, int cb, int idx, int width,
+                                                    float* scale) {
+  const float qmax = quantized_max(e);
+  const float m = group_absmax(xa, xb, has_a, has_b, width);
+  const float inv = quantize_inv(m, qmax);
+  if (wa) store_quantized8(base, e, at + 8 * ca, xa, inv);
+  if (wb) store_quantized8(base, e, at + 8 * cb, xb, inv);
+  if (wa && idx == 0) *scale = store_scale(m, qmax);
 }
 
 }  // namespace kvcache::cuda
