@@ -34,7 +34,8 @@ KV_AVX512_INLINE void prefetch_span(const T* p, int64_t elements) {
 // One row: into L1, or into L2 when rows lie apart. An NHD page's rows of one kv head are
 // num_kv_heads * head_dim elements apart: at 1 KB (int8) or 2 KB (bf16) they fall into 8 of L1's
 // 64 sets, and the rows prefetched 16 ahead evicted the ones in use (Zen 4, 2 threads from DRAM:
-// NHD int8 0.32 -> 0.45 of the read bound, bf16 0.55 -> 0.67; rows without gaps kept in L1).
+// NHD int8 0.32 -> 0.45 of the read bound, bf16 0.55 -> 0.67; rows without gaps kept in L1, but
+// see score_any in attention_avx512.cpp: its 2- and 4-byte rows go to L2 through prefetch_into).
 template <class T>
 KV_AVX512_INLINE void prefetch_one(const KVRows& rows, const T* row) {
   if (rows.stride > rows.dim) {
@@ -44,17 +45,27 @@ KV_AVX512_INLINE void prefetch_one(const KVRows& rows, const T* row) {
   }
 }
 
+// One row into L2 whatever the stride (kIntoL2), else as prefetch_one.
+template <bool kIntoL2, class T>
+KV_AVX512_INLINE void prefetch_into(const KVRows& rows, const T* row) {
+  if constexpr (kIntoL2) {
+    prefetch_span<2>(row, rows.dim);
+  } else {
+    prefetch_one(rows, row);
+  }
+}
+
 // Prefetches row r of `rows`; r past count reads into rows.next (if it has r), with its scale
 // (a page's scales are few lines, so they are fetched only as the walk enters it).
-template <class T>
+template <class T, bool kIntoL2 = false>
 KV_AVX512_INLINE void prefetch_row(const KVRows& rows, int64_t r) {
   if (r < rows.count) {
-    prefetch_one(rows, static_cast<const T*>(rows.data) + r * rows.stride);
+    prefetch_into<kIntoL2>(rows, static_cast<const T*>(rows.data) + r * rows.stride);
     return;
   }
   r -= rows.count;
   if (r >= rows.next_count) return;
-  prefetch_one(rows, static_cast<const T*>(rows.next) + r * rows.stride);
+  prefetch_into<kIntoL2>(rows, static_cast<const T*>(rows.next) + r * rows.stride);
   if (rows.next_scales != nullptr) {
     _mm_prefetch(reinterpret_cast<const char*>(rows.next_scales + r * rows.scale_stride),
                  _MM_HINT_T0);
