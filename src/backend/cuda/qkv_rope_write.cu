@@ -142,9 +142,11 @@ __device__ __forceinline__ void load_weights(const float* w, int c, float (&g)[8
 }
 
 // kNorm: QK-norm (q_w and k_w set), with stage_float4s(32 / width_qk, head_dim / 8) float4s of
-// dynamic shared memory per warp.
-template <class In, bool kNorm>
-__global__ void __launch_bounds__(cuda::kWriteThreads)
+// dynamic shared memory per warp. kQuantK: k stored as int8 / e4m3, its own instance, so that the
+// quantizer's registers do not cost the 16-bit one occupancy: without QK-norm, 9 CTAs per SM fit
+// 56 registers (ptxas would take 62-64), 8 fit 64.
+template <class In, bool kNorm, bool kQuantK>
+__global__ void __launch_bounds__(cuda::kWriteThreads, kNorm ? 1 : (kQuantK ? 8 : 9))
     qkv_rope_write_vec(const __grid_constant__ QkvKernelParams p) {
   extern __shared__ float4 norm_stage[];
   cuda::begin_write_kernel();
@@ -248,24 +250,22 @@ __global__ void __launch_bounds__(cuda::kWriteThreads)
 
   const bool wa = active && lr.has_a;
   const bool wb = active && lr.has_b;
-  const bool k_quantized = cuda::is_quantized(p.k.elem);
   if (is_q) {
     const int64_t at = (t * p.num_q_heads + r) * dim;
     if (wa) cuda::store_float8(p.q_out, p.q_elem, at + 8 * lr.ca, xa);
     if (wb) cuda::store_float8(p.q_out, p.q_elem, at + 8 * lr.cb, xb);
-    if (!k_quantized) return;  // else on to the group maximum with the warp's k rows
+    if constexpr (!kQuantK) return;  // else on to the group maximum with the warp's k rows
   }
   const int64_t head = is_q ? 0 : r - p.num_q_heads;
   const int64_t at = p.k.row(page, in_page, head);
-  if (!k_quantized) {
+  if constexpr (!kQuantK) {
     if (wa) cuda::store_float8(p.k.data, p.k.elem, at + 8 * lr.ca, xa);
     if (wb) cuda::store_float8(p.k.data, p.k.elem, at + 8 * lr.cb, xb);
-    return;
+  } else {  // every lane of the warp, q rows included (they store nothing)
+    cuda::store_quantized_row(p.k.data, p.k.elem, at, xa, xb, lr.has_a, lr.has_b, wa && !is_q,
+                              wb && !is_q, lr.ca, lr.cb, idx, width,
+                              scale_of(p.k, page, in_page, head));
   }
-  // Every lane of the warp, q rows included (they store nothing).
-  cuda::store_quantized_row(p.k.data, p.k.elem, at, xa, xb, lr.has_a, lr.has_b, wa && !is_q,
-                            wb && !is_q, lr.ca, lr.cb, idx, width,
-                            scale_of(p.k, page, in_page, head));
 }
 
 // --- scalar kernel: a warp per row ---
@@ -425,9 +425,13 @@ Status cuda_qkv_rope_write(const CudaQkvRopeWriteParams& p, const CudaRopeTable&
   if (device.error() != cudaSuccess) return cuda::launch_status(kOp, device.error());
   auto* s = static_cast<cudaStream_t>(stream.cuda_stream);
   return cuda::dispatch_input(p.qkv_dtype, kOp, [&]<class In>(std::type_identity<In>) {
-    auto* kernel = !vec                         ? qkv_rope_write_scalar<In>
-                   : p.q_norm_weight != nullptr ? qkv_rope_write_vec<In, true>
-                                                : qkv_rope_write_vec<In, false>;
+    const bool norm = p.q_norm_weight != nullptr;
+    const bool quant_k = k.k.elem == Elem::int8 || k.k.elem == Elem::e4m3;
+    auto* kernel = !vec              ? qkv_rope_write_scalar<In>
+                   : norm && quant_k ? qkv_rope_write_vec<In, true, true>
+                   : norm            ? qkv_rope_write_vec<In, true, false>
+                   : quant_k         ? qkv_rope_write_vec<In, false, true>
+                                     : qkv_rope_write_vec<In, false, false>;
     return cuda::launch_status(
         kOp, cuda::launch_write_kernel_smem(kernel, dim3(blocks), dim3(cuda::kWriteThreads),
                                             static_cast<size_t>(smem), s, k));

@@ -60,8 +60,8 @@ __device__ __forceinline__ void write_row(const LaneRow<In>& r, bool write, int 
     if (wb) store_float8(pool.data, e, at + 8 * r.cb, xb);
     return;
   }
-  to_float8(r.a, xa);
-  to_float8(r.b, xb);
+  to_float8_nan_sign_only(r.a, xa);
+  to_float8_nan_sign_only(r.b, xb);
   store_quantized_row(pool.data, e, at, xa, xb, r.has_a, r.has_b, wa, wb, r.ca, r.cb, idx, width,
                       scale);
 }

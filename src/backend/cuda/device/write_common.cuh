@@ -323,6 +323,27 @@ __device__ __forceinline__ float group_absmax(const float (&xa)[8], const float 
   return group_max(m, width);
 }
 
+// max with NaN propagated (max.NaN: a NaN operand gives NaN).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float d;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
+// As group_absmax, but NaN when the group's row holds a NaN (then group_absmax has the rule's
+// value); equal to it otherwise.
+__device__ __forceinline__ float group_absmax_or_nan(const float (&xa)[8], const float (&xb)[8],
+                                                     bool has_a, bool has_b, int width) {
+  float m = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    if (has_a) m = max_nan(m, fabsf(xa[k]));
+    if (has_b) m = max_nan(m, fabsf(xb[k]));
+  }
+  for (int o = width >> 1; o > 0; o >>= 1) m = max_nan(m, __shfl_xor_sync(kFullMask, m, o));
+  return m;
+}
+
 // --- byte copies: one unit of 16, 8, 4, 2 or 1 bytes (p aligned to it), in the low bytes ---
 
 __device__ __forceinline__ uint4 load_unit(const void* p, int unit) {
@@ -435,6 +456,22 @@ __device__ __forceinline__ void to_float8(const Raw8<In>& r, float (&x)[8]) {
   }
 }
 
+// to_float8 for values whose NaNs only ever show their sign (int8 / e4m3 codes, 16-bit stores,
+// arithmetic, which gives the GPU's own NaN): bf16 widens by a shift, without quieting NaNs.
+template <class In>
+__device__ __forceinline__ void to_float8_nan_sign_only(const Raw8<In>& r, float (&x)[8]) {
+  if constexpr (elem_of<In>::value == Elem::bf16) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t w = word(r.w[0], k);
+      x[2 * k] = __uint_as_float(w << 16);
+      x[2 * k + 1] = __uint_as_float(w & 0xffff0000u);
+    }
+  } else {
+    to_float8(r, x);
+  }
+}
+
 // Stores 8 floats converted to e (f32 / f16 / bf16), at element `i` of base.
 __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, const float (&x)[8]) {
   if (e == Elem::f32) {
@@ -454,7 +491,8 @@ __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, cons
   *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Stores convert(x[k] * inv) for int8 / e4m3, 8 bytes at element `i` of base.
+// Stores convert(x[k] * inv) for int8 / e4m3, 8 bytes at element `i` of base: host_mul, then
+// float_to_int8_sat / float_to_fp8_e4m3_bits, element by element (any input).
 __device__ __forceinline__ void store_quantized8(void* base, Elem e, int64_t i, const float (&x)[8],
                                                  float inv) {
   uint32_t w[2] = {0, 0};
@@ -468,6 +506,41 @@ __device__ __forceinline__ void store_quantized8(void* base, Elem e, int64_t i, 
   *reinterpret_cast<uint2*>(static_cast<uint8_t*>(base) + i) = make_uint2(w[0], w[1]);
 }
 
+// Four s32 saturated to int8, packed (a[0] in byte 0).
+__device__ __forceinline__ uint32_t pack_s8x4(const int (&a)[4]) {
+  uint32_t hi, d;
+  asm("cvt.pack.sat.s8.s32.b32 %0, %1, %2, 0;" : "=r"(hi) : "r"(a[3]), "r"(a[2]));
+  asm("cvt.pack.sat.s8.s32.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a[1]), "r"(a[0]), "r"(hi));
+  return d;
+}
+
+// store_quantized8 for int8, any input, in fewer instructions: cvt.rni to s32 (NaN -> 0, +-inf
+// and overflow saturate) then a saturating pack is float_to_int8_sat exactly (clamping to the
+// integer bounds before or after rounding gives the same integer), and an int8 code keeps nothing
+// of a NaN, so host_mul's NaN choice does not matter.
+__device__ __forceinline__ void store_int8x8(void* base, int64_t i, const float (&x)[8],
+                                             float inv) {
+  int c[2][4];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) c[k / 4][k % 4] = __float2int_rn(__fmul_rn(x[k], inv));
+  *reinterpret_cast<uint2*>(static_cast<uint8_t*>(base) + i) =
+      make_uint2(pack_s8x4(c[0]), pack_s8x4(c[1]));
+}
+
+// store_quantized8 for e4m3 when every product is finite (no NaN or infinity in x, inv finite):
+// cvt.rn.satfinite two at a time, as float_to_fp8_e4m3_bits converts one.
+__device__ __forceinline__ void store_e4m3x8_finite(void* base, int64_t i, const float (&x)[8],
+                                                    float inv) {
+  uint32_t h[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 y = make_float2(__fmul_rn(x[2 * k], inv), __fmul_rn(x[2 * k + 1], inv));
+    h[k] = __nv_cvt_float2_to_fp8x2(y, __NV_SATFINITE, __NV_E4M3);  // y.x in the low byte
+  }
+  *reinterpret_cast<uint2*>(static_cast<uint8_t*>(base) + i) =
+      make_uint2(h[0] | (h[1] << 16), h[2] | (h[3] << 16));
+}
+
 // ops/quantize.h's rule for a row held by a group of `width` lanes (ChunkMap): the group's
 // maximum over every chunk it holds (has_a / has_b), this lane's codes stored at elements
 // at + 8 * ca / cb when wa / wb, and the scale by the lane with wa and idx 0. e: int8 or e4m3.
@@ -478,10 +551,35 @@ __device__ __forceinline__ void store_quantized_row(void* base, Elem e, int64_t 
                                                     int ca, int cb, int idx, int width,
                                                     float* scale) {
   const float qmax = quantized_max(e);
-  const float m = group_absmax(xa, xb, has_a, has_b, width);
+  if (e == Elem::int8) {
+    const float m = group_absmax(xa, xb, has_a, has_b, width);
+    const float inv = quantize_inv(m, qmax);
+    if (wa) store_int8x8(base, at + 8 * ca, xa, inv);
+    if (wb) store_int8x8(base, at + 8 * cb, xb, inv);
+    if (wa && idx == 0) *scale = store_scale(m, qmax);
+    return;
+  }
+  // e4m3: a row without NaN or infinity (the usual one) converts two at a time.
+  float m = group_absmax_or_nan(xa, xb, has_a, has_b, width);
+  const bool finite = m == m && m < __int_as_float(0x7f800000);
+  if (__any_sync(kFullMask, !finite)) {
+    const float skipped = group_absmax(xa, xb, has_a, has_b, width);
+    if (!finite) m = skipped;
+  }
   const float inv = quantize_inv(m, qmax);
-  if (wa) store_quantized8(base, e, at + 8 * ca, xa, inv);
-  if (wb) store_quantized8(base, e, at + 8 * cb, xb, inv);
+  const bool fast = finite && inv < __int_as_float(0x7f800000);
+  if (wa) {
+    if (fast)
+      store_e4m3x8_finite(base, at + 8 * ca, xa, inv);
+    else
+      store_quantized8(base, e, at + 8 * ca, xa, inv);
+  }
+  if (wb) {
+    if (fast)
+      store_e4m3x8_finite(base, at + 8 * cb, xb, inv);
+    else
+      store_quantized8(base, e, at + 8 * cb, xb, inv);
+  }
   if (wa && idx == 0) *scale = store_scale(m, qmax);
 }
 
