@@ -484,6 +484,14 @@ void run_item(const Ctx& c, int64_t item) {
       for (const char* p = first; p < last; p += 4096) __builtin_prefetch(p, 0, 2);
       __builtin_prefetch(last, 0, 2);
     };
+    // The online softmax over the run's logits in sc.
+    const auto update_run = [&] {
+      RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
+      // Every row sees every key of the run: no mask needed.
+      u.all_visible =
+          t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
+      c.update(u);
+    };
     if constexpr (kListed) {
       // One call per kv head over the whole run (every page of it); the lists of this run and of
       // the next (after its last V rows the loops prefetch the next run's first K rows).
@@ -517,11 +525,7 @@ void run_item(const Ctx& c, int64_t item) {
       for (int64_t k = 0; k < nh; ++k) {
         c.listed.score(qf + k * rows_h * c.dim, rows_h, walk(true, k), sc + k * rows_h * n);
       }
-      RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
-      // Every row sees every key of the run: no mask needed.
-      u.all_visible =
-          t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
-      c.update(u);
+      update_run();
       for (int64_t t = t0; t < t0 + n; t += segment_length(c, t, t0 + n)) touch(false, t);
       for (int64_t k = 0; k < nh; ++k) {
         c.listed.accumulate(sc + k * rows_h * n, rows_h, walk(false, k),
@@ -544,11 +548,7 @@ void run_item(const Ctx& c, int64_t item) {
           }
         }
       }
-      RunUpdate u{sc, n, nrows, t0, pos, m, l, acc, c.dim_v, c.cap2, c.window, c.sink, false};
-      // Every row sees every key of the run: no mask needed.
-      u.all_visible =
-          t0 + n - 1 <= min_pos && (c.window == 0 || t0 > max_pos - c.window || t0 + n <= c.sink);
-      c.update(u);
+      update_run();
       if (direct) {
         touch(false, t0);
         c.kernels.accumulate(sc, nrows, walk_rows(false, 0, t0, n), acc);
