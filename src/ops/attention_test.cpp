@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -355,51 +356,16 @@ TEST(Attention, EightBitRowsAtDotProductDims) {
   EXPECT_STREQ(DecodeAttentionPlan::select(d, Device::cpu(), CpuIsa::avx512)->sku(), "cpu.avx512");
 }
 
-// Paged 8-bit K/V at a dot-product dim walk each run of up to 64 keys over its pages in one call
-// per kv head (listed rows): odd page sizes, so runs start and end mid-page; chunks that are not
-// multiples of 64 keys; windows and sinks that start runs anywhere; decode and extend.
-TEST(Attention, EightBitRunsOverOddPages) {
+// K/V of each dtype at head_dim 128 over shuffled pages of each size (0: a contiguous cache) with
+// poisoned unused cells, both layouts; page sizes that do not divide runs of 64 keys, so runs
+// start and end mid-page; chunks that are not multiples of 64 keys; windows and sinks that start
+// runs anywhere; decode and extend.
+void check_runs_over_pages(std::initializer_list<DType> dtypes,
+                           std::initializer_list<int64_t> pages) {
   const uint32_t seed = test_seed();
   SCOPED_TRACE(seed_trace(seed));
-  for (const DType dt : {DType::int8, DType::fp8_e4m3}) {
-    for (const int64_t page : {1, 3, 17}) {
-      for (const PageLayout layout : {PageLayout::nhd, PageLayout::hnd}) {
-        for (int option = 0; option < 3; ++option) {
-          Config cfg;
-          cfg.k = cfg.v = dt;
-          cfg.dim = 128;
-          cfg.hq = 12;
-          cfg.hkv = 3;
-          cfg.q = DType::bf16;
-          cfg.seq_lens = {301, 45, 130};
-          cfg.page_size = page;
-          cfg.layout = layout;
-          cfg.chunk = page * (page == 1 ? 100 : 7);
-          if (option == 1) cfg.window = 77;
-          if (option == 2) {
-            cfg.window = 40;
-            cfg.sink_tokens = 5;
-            cfg.q_counts = {3, 1, 7};
-          }
-          check_problem(cfg, seed,
-                        std::string(name(dt)) + " page " + std::to_string(page) +
-                            (layout == PageLayout::nhd ? " nhd" : " hnd") + " option " +
-                            std::to_string(option));
-        }
-      }
-    }
-  }
-}
-
-// 16-bit K/V at head_dim 128 (the AVX-512 loops prefetch these rows into L2 in every layout):
-// shuffled pages of odd sizes with poisoned unused cells, so runs start and end mid-page and the
-// loops prefetch into the next page, K or V; contiguous caches; windows and sinks that start runs
-// anywhere; decode and extend.
-TEST(Attention, SixteenBitRowsOverOddPages) {
-  const uint32_t seed = test_seed();
-  SCOPED_TRACE(seed_trace(seed));
-  for (const DType dt : {DType::bf16, DType::f16}) {
-    for (const int64_t page : {0, 1, 3, 17}) {
+  for (const DType dt : dtypes) {
+    for (const int64_t page : pages) {
       for (const PageLayout layout : {PageLayout::nhd, PageLayout::hnd}) {
         if (page == 0 && layout == PageLayout::hnd) continue;  // contiguous: once
         for (int option = 0; option < 3; ++option) {
@@ -426,6 +392,18 @@ TEST(Attention, SixteenBitRowsOverOddPages) {
       }
     }
   }
+}
+
+// Paged 8-bit K/V at a dot-product dim walk each run of up to 64 keys over its pages in one call
+// per kv head (listed rows).
+TEST(Attention, EightBitRunsOverOddPages) {
+  check_runs_over_pages({DType::int8, DType::fp8_e4m3}, {1, 3, 17});
+}
+
+// 16-bit K/V rows (the AVX-512 loops prefetch them into L2 in every layout; past a page's end they
+// prefetch into the next page, K or V).
+TEST(Attention, SixteenBitRowsOverOddPages) {
+  check_runs_over_pages({DType::bf16, DType::f16}, {0, 1, 3, 17});
 }
 
 // Quantized storage vs the same data in float: the error the storage adds, for |x| <= 1,
