@@ -142,4 +142,35 @@ __device__ __forceinline__ uint32_t pack_f16x2(float a, float b) {
          (static_cast<uint32_t>(float_to_f16_bits(b)) << 16);
 }
 
+// pack_16bit8's path for rows with a NaN: element by element. Not inlined, so that the usual path
+// does not carry its per-element checks; arguments by value, so that they pass in registers.
+static __device__ __noinline__ uint4 pack_16bit8_slow(bool bf16, float4 lo, float4 hi) {
+  auto pack = [&](float a, float b) { return bf16 ? pack_bf16x2(a, b) : pack_f16x2(a, b); };
+  return make_uint4(pack(lo.x, lo.y), pack(lo.z, lo.w), pack(hi.x, hi.y), pack(hi.z, hi.w));
+}
+
+// Eight floats as four words of 16-bit elements (bf16 or f16), as pack_bf16x2 / pack_f16x2 give
+// them. Without a NaN among them (the usual row) by the paired conversion, one instruction per
+// word (round to nearest even, overflow to inf, subnormals kept: the same bits as one element at
+// a time); with one, element by element for the CPU's NaN pattern.
+__device__ __forceinline__ uint4 pack_16bit8(bool bf16, const float (&x)[8]) {
+  bool nan = false;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) nan |= x[2 * k] != x[2 * k] || x[2 * k + 1] != x[2 * k + 1];
+  if (nan) {
+    return pack_16bit8_slow(bf16, make_float4(x[0], x[1], x[2], x[3]),
+                            make_float4(x[4], x[5], x[6], x[7]));
+  }
+  uint32_t w[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (bf16) {
+      asm("cvt.rn.bf16x2.f32 %0, %2, %1;" : "=r"(w[k]) : "f"(x[2 * k]), "f"(x[2 * k + 1]));
+    } else {
+      asm("cvt.rn.f16x2.f32 %0, %2, %1;" : "=r"(w[k]) : "f"(x[2 * k]), "f"(x[2 * k + 1]));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 }  // namespace kvcache::cuda

@@ -482,13 +482,7 @@ __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, cons
                       __float_as_uint(x[7]));
     return;
   }
-  const bool bf16 = e == Elem::bf16;
-  uint32_t w[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    w[k] = bf16 ? pack_bf16x2(x[2 * k], x[2 * k + 1]) : pack_f16x2(x[2 * k], x[2 * k + 1]);
-  }
-  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = pack_16bit8(e == Elem::bf16, x);
 }
 
 // Stores convert(x[k] * inv) for int8 / e4m3, 8 bytes at element `i` of base: host_mul, then
