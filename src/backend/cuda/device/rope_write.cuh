@@ -48,9 +48,8 @@ __device__ __forceinline__ int32_t position_of(const StreamPositions& sp, int s)
 template <int N>
 __device__ __forceinline__ void load_cos_sin(const DeviceRope& r, const StreamPositions& sp, int f0,
                                              float (&cs)[N], float (&sn)[N]) {
-  const int s0 = section_of(r, f0);
-  if (r.table_vec4 && f0 % 4 == 0 && f0 + N <= r.num_freqs && section_of(r, f0 + N - 1) == s0) {
-    const int64_t at = static_cast<int64_t>(position_of(sp, s0)) * r.num_freqs + f0;
+  const auto load_vec = [&](int32_t position) {
+    const int64_t at = static_cast<int64_t>(position) * r.num_freqs + f0;
 #pragma unroll
     for (int k = 0; k < N; k += 4) {
       const float4 c = __ldg(reinterpret_cast<const float4*>(r.cos + at + k));
@@ -58,7 +57,13 @@ __device__ __forceinline__ void load_cos_sin(const DeviceRope& r, const StreamPo
       cs[k] = c.x, cs[k + 1] = c.y, cs[k + 2] = c.z, cs[k + 3] = c.w;
       sn[k] = s.x, sn[k + 1] = s.y, sn[k + 2] = s.z, sn[k + 3] = s.w;
     }
-    return;
+  };
+  const bool vec = r.table_vec4 && f0 % 4 == 0 && f0 + N <= r.num_freqs;
+  if (r.num_streams == 1) {  // the usual RoPE: no sections to look up
+    if (vec) return load_vec(sp.p[0]);
+  } else {
+    const int s0 = section_of(r, f0);
+    if (vec && section_of(r, f0 + N - 1) == s0) return load_vec(position_of(sp, s0));
   }
 #pragma unroll
   for (int k = 0; k < N; ++k) {
