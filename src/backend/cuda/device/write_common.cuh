@@ -472,7 +472,11 @@ __device__ __forceinline__ void to_float8_nan_sign_only(const Raw8<In>& r, float
   }
 }
 
-// Stores 8 floats converted to e (f32 / f16 / bf16), at element `i` of base.
+// Stores 8 floats converted to e (f32 / f16 / bf16), at element `i` of base. kBranch: bf16 or f16
+// chosen by a branch; predicated (the default), both conversions of every pair issue, which cost
+// qkv_rope_write's 16-bit instance ~2% of its instructions, but branched its QK-norm instance ran
+// 11-20% slower (H100, session 6; cause not isolated), so only the former takes it.
+template <bool kBranch = false>
 __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, const float (&x)[8]) {
   if (e == Elem::f32) {
     auto* q = reinterpret_cast<uint4*>(static_cast<float*>(base) + i);
@@ -482,7 +486,16 @@ __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, cons
                       __float_as_uint(x[7]));
     return;
   }
-  *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = pack_16bit8(e == Elem::bf16, x);
+  if constexpr (!kBranch) {
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i) = pack_16bit8(e == Elem::bf16, x);
+  } else {
+    auto* q = reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + i);
+    if (__builtin_expect(e == Elem::bf16, 1)) {
+      *q = pack_16bit8(true, x);
+    } else {
+      *q = pack_16bit8(false, x);
+    }
+  }
 }
 
 // Stores convert(x[k] * inv) for int8 / e4m3, 8 bytes at element `i` of base: host_mul, then
