@@ -41,9 +41,11 @@ __device__ inline uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16 bytes global -> shared, L2 only; src_bytes 0 fills zeros (a masked row).
+// 16 bytes global -> shared through L2 only, L2 asked to fetch the 256 bytes around them (a
+// 16-bit key row of head_dim 128; measured 1-3% faster on the long decode shapes than without the
+// hint); src_bytes 0 fills zeros (a masked row).
 __device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
 __device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
