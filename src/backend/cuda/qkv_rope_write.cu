@@ -186,21 +186,23 @@ __global__ void __launch_bounds__(cuda::kWriteThreads, kNorm ? 1 : (kQuantK ? 8 
   }
 
   // Round 2: cos / sin at the (clamped) positions, the sequence's page range.
-  // neox: frequencies 8 idx + k (lanes idx < pairs); gptj: 4 of each chunk. Without QK-norm every
-  // lane clamps the positions and may load from the table, so cs / sn are set and read under the
-  // same condition and need no zeroing (16 registers cleared on every lane: 2% of the chunk's
-  // instructions). The QK-norm instance keeps the zeroed, row-gated form: with the other it ran
-  // 11-20% slower (H100, session 6; cause not isolated).
+  // neox: frequencies 8 idx + k (lanes idx < pairs); gptj: 4 of each chunk. In the lean instance
+  // (16-bit k, no QK-norm) every lane clamps the positions and may load from the table, so cs / sn
+  // are set and read under the same condition and need no zeroing (16 registers cleared on every
+  // lane: 2% of the chunk's instructions), and 16-bit stores branch on the type. The other
+  // instances keep the zeroed, row-gated, predicated form: with the lean form the QK-norm chunk
+  // ran 11-20% slower and the quantized ones 2-3% (H100, sessions 6-7; cause not isolated).
+  constexpr bool kLean = !kNorm && !kQuantK;
   bool active = false;
   float cs[8], sn[8];
-  if constexpr (kNorm) {
+  if constexpr (!kLean) {
     active = row_ok && check_positions(p, t, r == 0 && idx == 0, &sp);
 #pragma unroll
     for (int k = 0; k < 8; ++k) cs[k] = sn[k] = 0.0f;
   } else {
     active = check_positions(p, t, r == 0 && idx == 0, &sp) && row_ok;
   }
-  const bool load_table = !kNorm || row_ok;
+  const bool load_table = kLean || row_ok;
   if (!rope.gptj) {
     if (load_table && idx < map.pairs) cuda::load_cos_sin<8>(rope, sp, 8 * idx, cs, sn);
   } else if (load_table) {
@@ -275,15 +277,15 @@ __global__ void __launch_bounds__(cuda::kWriteThreads, kNorm ? 1 : (kQuantK ? 8 
   const bool wb = active && lr.has_b;
   if (is_q) {
     const int64_t at = (t * p.num_q_heads + r) * dim;
-    if (wa) cuda::store_float8<!kNorm>(p.q_out, p.q_elem, at + 8 * lr.ca, xa);
-    if (wb) cuda::store_float8<!kNorm>(p.q_out, p.q_elem, at + 8 * lr.cb, xb);
+    if (wa) cuda::store_float8<kLean>(p.q_out, p.q_elem, at + 8 * lr.ca, xa);
+    if (wb) cuda::store_float8<kLean>(p.q_out, p.q_elem, at + 8 * lr.cb, xb);
     if constexpr (!kQuantK) return;  // else on to the group maximum with the warp's k rows
   }
   const int64_t head = is_q ? 0 : r - p.num_q_heads;
   const int64_t at = p.k.row(page, in_page, head);
   if constexpr (!kQuantK) {
-    if (wa) cuda::store_float8<!kNorm>(p.k.data, p.k.elem, at + 8 * lr.ca, xa);
-    if (wb) cuda::store_float8<!kNorm>(p.k.data, p.k.elem, at + 8 * lr.cb, xb);
+    if (wa) cuda::store_float8<kLean>(p.k.data, p.k.elem, at + 8 * lr.ca, xa);
+    if (wb) cuda::store_float8<kLean>(p.k.data, p.k.elem, at + 8 * lr.cb, xb);
   } else {  // every lane of the warp, q rows included (they store nothing)
     cuda::store_quantized_row(p.k.data, p.k.elem, at, xa, xb, lr.has_a, lr.has_b, wa && !is_q,
                               wb && !is_q, lr.ca, lr.cb, idx, width,

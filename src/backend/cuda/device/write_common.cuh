@@ -474,8 +474,8 @@ __device__ __forceinline__ void to_float8_nan_sign_only(const Raw8<In>& r, float
 
 // Stores 8 floats converted to e (f32 / f16 / bf16), at element `i` of base. kBranch: bf16 or f16
 // chosen by a branch; predicated (the default), both conversions of every pair issue, which cost
-// qkv_rope_write's 16-bit instance ~2% of its instructions, but branched its QK-norm instance ran
-// 11-20% slower (H100, session 6; cause not isolated), so only the former takes it.
+// qkv_rope_write's lean instance ~2% of its instructions, but branched its QK-norm and quantized
+// instances ran slower (H100, sessions 6-7; cause not isolated), so only the former takes it.
 template <bool kBranch = false>
 __device__ __forceinline__ void store_float8(void* base, Elem e, int64_t i, const float (&x)[8]) {
   if (e == Elem::f32) {
