@@ -13,12 +13,14 @@
 // Every warp is one slot of the epilogue.
 //
 // Operands. Q (scaled by sm_scale * log2 e) and P are rounded to the MMA type (bf16 for bf16 K/V,
-// else f16). K and V tiles sit in shared memory as stored, each row padded by 16 bytes so that
-// ldmatrix is conflict-free. 16-bit K: ldmatrix gives the B fragments of
-// Q K^T directly; 16-bit V: ldmatrix.trans those of P V. 8-bit K: a b16 of ldmatrix holds two
-// stored bytes, so one 8x8 matrix (8 keys x 16 dims) converts to a whole k16 B fragment whose k
-// order is dims (4c, 4c + 1 | 4c + 2, 4c + 3) for c = lane % 4: Q's A fragments use the same
-// order. 8-bit V: ldmatrix.trans gives each lane two keys x two adjacent dims; a byte permute
+// else f16). K and V tiles sit in shared memory as stored, rows unpadded, their 16-byte chunks
+// swizzled (tile_chunk) so that ldmatrix is conflict-free and every 32-byte global sector lands in
+// one 32-byte block of shared memory (a row padded by 16 bytes instead made L2 send every other
+// row's sectors twice: 24 sectors per 512-byte copy where 16 do). 16-bit K: ldmatrix gives the B
+// fragments of Q K^T directly; 16-bit V: ldmatrix.trans those of P V. 8-bit K: a b16 of ldmatrix
+// holds two stored bytes, so one 8x8 matrix (8 keys x 16 dims) converts to a whole k16 B fragment
+// whose k order is dims (4c, 4c + 1 | 4c + 2, 4c + 3) for c = lane % 4: Q's A fragments use the
+// same order. 8-bit V: ldmatrix.trans gives each lane two keys x two adjacent dims; a byte permute
 // splits them into the B fragments of an "even dims" and an "odd dims" n8 tile. e4m3 -> f16 by
 // cvt. int8 -> f16 by the 0x6400 magic: a byte permute makes 1024 + (k + 128) exactly, and the
 // constant 1152 stays in: Q (K + 1152) = Q K + 1152 sum(Q) per query row (subtracted from the
@@ -134,14 +136,43 @@ __device__ inline void widen_split(uint32_t x, uint32_t& even, uint32_t& odd) {
   }
 }
 
+// Where chunk c (16 bytes) of tile row r sits in its row: c with its low three bits xored by t(r),
+// a bijection of r mod 8 that is even for r mod 8 < 4. The 8 rows an ldmatrix reads (rows 8a to
+// 8a + 7, one chunk column) land in 8 different bank groups, and chunks 2j, 2j + 1 (one 32-byte
+// global sector) stay in one 32-byte block (swapped when t(r) is odd).
+__host__ __device__ constexpr int tile_swizzle(int r) { return ((r & 3) << 1) | ((r >> 2) & 1); }
+__host__ __device__ constexpr int tile_chunk(int r, int c) { return c ^ tile_swizzle(r & 7); }
+
+// The claims above, for every row and chunk column of a tile of `chunks` chunks per row.
+constexpr bool tile_chunk_ok(int chunks) {
+  for (int r = 0; r < 16; ++r) {
+    bool seen[64] = {};
+    for (int c = 0; c < chunks; ++c) {
+      const int x = tile_chunk(r, c);
+      if (x < 0 || x >= chunks || seen[x]) return false;  // a permutation of the row's chunks
+      seen[x] = true;
+      if (x / 2 != tile_chunk(r, c ^ 1) / 2) return false;  // sector partners share a block
+    }
+  }
+  for (int c = 0; c < chunks; ++c) {
+    for (int r0 = 0; r0 < 16; r0 += 8) {
+      int banks = 0;  // bank groups (16 bytes of 128) of one ldmatrix matrix
+      for (int r = r0; r < r0 + 8; ++r) banks |= 1 << (tile_chunk(r, c) & 7);
+      if (banks != 0xff) return false;
+    }
+  }
+  return true;
+}
+
 template <class KV, int kHeadDim>
 struct MmaShape {
   static constexpr bool kEightBit = sizeof(KV) == 1;
   static constexpr bool kBf16 = std::is_same_v<KV, BF16>;
   static constexpr int kRowBytes = kHeadDim * static_cast<int>(sizeof(KV));
   static constexpr int kChunks = kRowBytes / 16;  // 16-byte chunks per key row
-  // Rows padded by 16 bytes: the 8 rows an ldmatrix reads start in 8 different bank groups.
-  static constexpr int kRowStride = kRowBytes + 16;
+  // Unpadded rows; tile_chunk places the chunks.
+  static constexpr int kRowStride = kRowBytes;
+  static_assert(kChunks % 8 == 0 && tile_chunk_ok(kChunks), "tile_chunk's claims hold");
   static constexpr int kTileBytes = kTileKeys * kRowStride;
   // K tile, V tile, K scales [16], V scales [16], row bias [16] (0, or -inf: masked).
   static constexpr int kStageBytes = 2 * kTileBytes + 3 * kTileKeys * 4;
@@ -150,8 +181,9 @@ struct MmaShape {
   // docs/PERFORMANCE.md).
   static constexpr int kStages = 3;
   static constexpr int kPipelineBytes = kAttnWarps * kStages * kStageBytes;
-  // Q staged as the MMA type (16 rows, padded like the tiles) in a warp's last stage.
-  static constexpr int kQRowStride = kHeadDim * 2 + 16;
+  // Q staged as the MMA type (16 rows, swizzled like the tiles) in a warp's last stage.
+  static constexpr int kQRowStride = kHeadDim * 2;
+  static_assert(tile_chunk_ok(kQRowStride / 16), "tile_chunk's claims hold for Q");
   static_assert(kTileKeys * kQRowStride <= kStageBytes, "Q fits one stage");
   // The epilogue's accumulator rows, padded by 8 floats: a warp's float2 stores of one C
   // fragment land in distinct banks.
@@ -274,7 +306,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       const int64_t v_off = __shfl_sync(0xffffffffu, v_row, r2);
       if (!t.live) continue;  // no tile: an empty commit group keeps the wait counts uniform
       const bool row_ok = k_off >= 0;
-      const uint32_t dst = r2 * S::kRowStride + chunk * 16;
+      const uint32_t dst = r2 * S::kRowStride + tile_chunk(r2, chunk) * 16;
       cp_async16(k_tile + dst, p.k.base + (row_ok ? k_off + chunk * 16 : 0), row_ok ? 16 : 0);
       cp_async16(v_tile + dst, p.v.base + (row_ok ? v_off + chunk * 16 : 0), row_ok ? 16 : 0);
     }
@@ -336,26 +368,40 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     for (int k = 0; k < kPerLane; ++k) {
       const int rr = (lane + 32 * k) / kPieces;
       const int piece = (lane + 32 * k) % kPieces;
-      auto* row = reinterpret_cast<uint32_t*>(q_stage + rr * S::kQRowStride) + (piece >> 1) * 8;
+      uint8_t* row = q_stage + rr * S::kQRowStride;
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         const int pair = (piece & 1) * 4 + w;  // dim pair within the 16-dim block
         const int slot = S::kEightBit ? (pair >> 1) + 4 * (pair & 1) : pair;
-        row[slot] = pack2<kBf16>(p.q_scale * x[k][2 * w], p.q_scale * x[k][2 * w + 1]);
+        const int chunk = (piece >> 1) * 2 + (slot >> 2);
+        *reinterpret_cast<uint32_t*>(row + tile_chunk(rr, chunk) * 16 + (slot & 3) * 4) =
+            pack2<kBf16>(p.q_scale * x[k][2 * w], p.q_scale * x[k][2 * w + 1]);
       }
     }
     __syncwarp();
-    const uint32_t q_ld = smem_addr(q_stage) + (lane & 15) * S::kQRowStride + (lane >> 4) * 16;
+    const uint32_t q_row = smem_addr(q_stage) + (lane & 15) * S::kQRowStride;
 #pragma unroll
-    for (int s = 0; s < S::kKSteps; ++s) ldmatrix_x4(qa[s], q_ld + s * 32);
+    for (int s = 0; s < S::kKSteps; ++s) {
+      ldmatrix_x4(qa[s], q_row + tile_chunk(lane & 15, 2 * s + (lane >> 4)) * 16);
+    }
   }
 
-  // ldmatrix row addresses of this lane, relative to a tile (header paragraph for the orders).
+  // ldmatrix addresses of this lane, relative to a tile (header paragraph for the orders): the
+  // lane's row, and the chunk column c of its matrix at chunk column 16 b bytes of the tile.
   const int mi = lane >> 3;  // the 8x8 matrix this lane addresses
   const int mrow = lane & 7;
-  const uint32_t k_ld = S::kEightBit ? ((mi & 1) * 8 + mrow) * S::kRowStride + (mi >> 1) * 16
-                                     : ((mi >> 1) * 8 + mrow) * S::kRowStride + (mi & 1) * 16;
-  const uint32_t v_ld = ((mi & 1) * 8 + mrow) * S::kRowStride + (mi >> 1) * 16;
+  const int k_row = S::kEightBit ? (mi & 1) * 8 + mrow : (mi >> 1) * 8 + mrow;
+  const int k_col = S::kEightBit ? mi >> 1 : mi & 1;
+  const int v_row = (mi & 1) * 8 + mrow;
+  const int v_col = mi >> 1;
+  // c is a compile-time even chunk column; the lane's column is c + col. Only the low three bits
+  // depend on the lane, so each distinct c % 8 costs one register, hoisted out of the loop.
+  const auto k_at = [&](int c) {
+    return k_row * S::kRowStride + (c & ~7) * 16 + (((c & 7) + k_col) ^ tile_swizzle(mrow)) * 16;
+  };
+  const auto v_at = [&](int c) {
+    return v_row * S::kRowStride + (c & ~7) * 16 + (((c & 7) + v_col) ^ tile_swizzle(mrow)) * 16;
+  };
 
   // Packed extend: the causal limit of this thread's rows grp and grp + 8 (keys j > pos are
   // masked); one query row per CTA needs none (its chunks end at its position).
@@ -418,7 +464,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
       uint32_t b[4];
       if constexpr (S::kEightBit) {
         // matrices: (keys 0-7, k-step s2), (keys 8-15, s2), (keys 0-7, s2+1), (keys 8-15, s2+1)
-        ldmatrix_x4(b, k_tile + k_ld + s2 * 16);
+        ldmatrix_x4(b, k_tile + k_at(s2));
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           uint32_t b0, b1;
@@ -429,7 +475,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
         // per k-step s: (keys 0-7, dims 16 s + 0-7), (keys 0-7, + 8-15), (keys 8-15, ..), (..)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          ldmatrix_x4(b, k_tile + k_ld + (s2 + h) * 32);
+          ldmatrix_x4(b, k_tile + k_at(2 * (s2 + h)));
           mma16816<kBf16>(sc[0], qa[s2 + h], b[0], b[1]);
           mma16816<kBf16>(sc[1], qa[s2 + h], b[2], b[3]);
         }
@@ -494,7 +540,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
 #pragma unroll
       for (int b2 = 0; b2 < kHeadDim / 16; b2 += 2) {
         uint32_t v[4];
-        ldmatrix_x4_trans(v, v_tile + v_ld + b2 * 16);
+        ldmatrix_x4_trans(v, v_tile + v_at(b2));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t lo = v[2 * h];      // keys 2q, 2q+1 (x) dims 2n, 2n+1
@@ -516,7 +562,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
 #pragma unroll
       for (int n2 = 0; n2 < S::kNTiles; n2 += 2) {
         uint32_t v[4];
-        ldmatrix_x4_trans(v, v_tile + v_ld + n2 * 16);
+        ldmatrix_x4_trans(v, v_tile + v_at(n2));
         mma16816<kBf16>(acc[n2], pa, v[0], v[1]);
         mma16816<kBf16>(acc[n2 + 1], pa, v[2], v[3]);
       }
