@@ -79,7 +79,8 @@ struct CudaAttentionParams {
   std::byte* workspace = nullptr;  // cuda_attention_workspace_bytes(...) bytes, device
   void* errors = nullptr;          // the GPU's error record
   bool extend = false;
-  bool mma = false;  // the tensor-core kernel (cuda_attention_has_mma)
+  bool mma = false;     // the tensor-core kernel (cuda_attention_has_mma)
+  int64_t num_sms = 0;  // the GPU's multiprocessors (grids that fit one CTA each get wider CTAs)
   // Extend, tensor cores, no window: q_per_cta query tokens of one sequence per CTA (their K/V
   // read once), the grid covering max_q_blocks blocks per sequence; 1: one query row per CTA.
   int64_t q_per_cta = 1;

@@ -320,6 +320,7 @@ Status run_cuda_attention(const detail::AttentionPlanState& plan, const Stream& 
   p.errors = plan.errors;
   p.extend = plan.extend;
   p.mma = plan.mma;
+  p.num_sms = plan.num_sms;
   if (sched.max_query_blocks > 0) {
     p.q_per_cta = cuda_attention_packing(plan);
     p.max_q_blocks = sched.max_query_blocks;

@@ -316,6 +316,35 @@ TEST_F(CudaAttention, LongContextWithHostSchedule) {
                "1 x 5000 " + seed_trace(seed));
 }
 
+// The tensor-core kernel runs 8-warp CTAs when the grid fits one CTA per multiprocessor and its
+// chunks are at least 512 keys long, else 4-warp CTAs: grids of exactly the multiprocessor count
+// and of twice it, unsplit rows of 512-700 keys, for every K/V type and head_dim that has both
+// (head_dim 256 always runs 4: DecodeEveryKVDTypeAndHeadDim).
+TEST_F(CudaAttention, EightAndFourWarpCtasAroundOnePerMultiprocessor) {
+  const uint32_t seed = test_seed();
+  const int sms = backend::cuda_multiprocessor_count(gpu()).value();
+  for (DType kv : {DType::f16, DType::bf16, DType::int8, DType::fp8_e4m3}) {
+    for (int64_t dim : {64, 128}) {
+      if (dim == 64 && size_of(kv) == 1) continue;  // 8-bit tensor cores start at 128
+      for (int ctas_per_sm : {1, 2}) {
+        std::mt19937 rng(seed);
+        Config c = paged_config(8, 2, dim, 16, {});  // 2 kv heads: 2 CTAs per row
+        c.k = c.v = kv;
+        for (int b = 0; b < sms * ctas_per_sm / 2; ++b) {
+          c.seq_lens.push_back(static_cast<int32_t>(512 + rng() % 189));
+        }
+        Problem p(c, rng);
+        const int64_t longest = *std::max_element(c.seq_lens.begin(), c.seq_lens.end());
+        const Precision prec = DecodeAttentionPlan::select(p.desc(), gpu()).value().precision();
+        expect_close(
+            run_any(p, AttentionSchedule{longest, 1}), reference_of(p), prec.abs_tol, prec.rel_tol,
+            std::string(name(kv)) + " dim " + std::to_string(dim) + " " +
+                std::to_string(ctas_per_sm) + " CTAs per multiprocessor " + seed_trace(seed));
+      }
+    }
+  }
+}
+
 // Ragged lengths: the schedule's chunks cover the longest row; work items are of similar size.
 TEST_F(CudaAttention, ScheduleSplitsRaggedBatchesEvenly) {
   AttentionDesc d;

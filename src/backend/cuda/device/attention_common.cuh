@@ -316,7 +316,7 @@ __device__ void merge_weights(const float* m, const float* l, float* w, int head
 // rows of acc_stride floats, head_dim used), e.m and e.l, and a __syncthreads() since they were
 // written. merge_scratch: kMergeScratchFloats<kRows> floats of shared memory that nothing else
 // uses now.
-template <int kRows, int kMaxSlots>
+template <int kRows, int kMaxSlots, int kThreads = kAttnThreads>
 __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int num_chunks,
                             int num_slots, const float* s_acc, int acc_stride,
                             EpilogueSmem<kRows, kMaxSlots>& e, float* merge_scratch) {
@@ -332,7 +332,7 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
     return o;
   };
   if (num_chunks == 1) {
-    for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
+    for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kThreads) {
       const int g = i / D;
       const int d = i - g * D;
       write_output(p, it, g, d, combined(g, d), e.final_m[g], e.final_l[g]);
@@ -344,7 +344,7 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
   const int pr = D + kAttnPartialExtra;
   const int64_t row_item = static_cast<int64_t>(it.row_group) * p.max_chunks;
   float* mine = p.partials + (row_item + it.chunk) * p.item_floats;
-  for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kAttnThreads) {
+  for (int i = static_cast<int>(threadIdx.x); i < heads * D; i += kThreads) {
     const int g = i / D;
     const int d = i - g * D;
     mine[g * pr + d] = combined(g, d);
@@ -368,7 +368,7 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
   // Every thread fetches some chunks' (max, sum) so that their latencies overlap.
   float* cm = merge_scratch;
   float* cl = merge_scratch + kAttnMaxChunks * kRows;
-  for (int i = static_cast<int>(threadIdx.x); i < num_chunks * heads; i += kAttnThreads) {
+  for (int i = static_cast<int>(threadIdx.x); i < num_chunks * heads; i += kThreads) {
     const int c = i / heads;
     const int g = i - c * heads;
     cm[c * kRows + g] = __ldcg(all + c * stride + g * pr + D);
@@ -380,7 +380,7 @@ __device__ void finish_item(const AttnKernelParams& p, const AttnItem& it, int n
   // Four dims per thread and 16 chunks' loads in flight: the merge sits on the row's critical
   // path, and one load per dim and chunk made it a chain of dependent L2 round trips.
   const int quads = D / 4;
-  for (int i = static_cast<int>(threadIdx.x); i < heads * quads; i += kAttnThreads) {
+  for (int i = static_cast<int>(threadIdx.x); i < heads * quads; i += kThreads) {
     const int g = i / quads;
     const int d = (i - g * quads) * 4;
     float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);

@@ -4,13 +4,13 @@
 // The attention kernel on tensor cores (mma.sync m16n8k16, f32 accumulation) for bf16, f16, int8
 // and fp8_e4m3 K/V with head_dim 64, 128 or 256 (8-bit: 128 or 256).
 //
-// A CTA of 4 warps serves one work item (attention_common.cuh) whose query heads (up to 16: the
-// MMA's M rows; the rest padding) share one kv head. The chunk's keys are cut into tiles of 16;
-// warp w takes tiles w, w + 4, ... and streams each tile's K and V rows (and scales) into its own
-// ring of kStages shared-memory stages with cp.async, so loads for later tiles are in flight while
-// it computes. Per tile: S = Q K^T (two n8 tiles of keys, head_dim / 16 k-steps), online softmax
-// on S in registers (a rescale only when a row's max grows), O += P V (head_dim / 8 n8 tiles).
-// Every warp is one slot of the epilogue.
+// A CTA of 4 warps (8 for grids of at most one CTA per multiprocessor) serves one work item
+// (attention_common.cuh) whose query heads (up to 16: the MMA's M rows; the rest padding) share
+// one kv head. The chunk's keys are cut into tiles of 16; warp w takes tiles w, w + warps, ... and
+// streams each tile's K and V rows (and scales) into its own ring of kStages shared-memory stages
+// with cp.async, so loads for later tiles are in flight while it computes. Per tile: S = Q K^T (two
+// n8 tiles of keys, head_dim / 16 k-steps), online softmax on S in registers (a rescale only when a
+// row's max grows), O += P V (head_dim / 8 n8 tiles). Every warp is one slot of the epilogue.
 //
 // Operands. Q (scaled by sm_scale * log2 e) and P are rounded to the MMA type (bf16 for bf16 K/V,
 // else f16). K and V tiles sit in shared memory as stored, rows unpadded, their 16-byte chunks
@@ -164,7 +164,7 @@ constexpr bool tile_chunk_ok(int chunks) {
   return true;
 }
 
-template <class KV, int kHeadDim>
+template <class KV, int kHeadDim, int kWarps>
 struct MmaShape {
   static constexpr bool kEightBit = sizeof(KV) == 1;
   static constexpr bool kBf16 = std::is_same_v<KV, BF16>;
@@ -180,7 +180,7 @@ struct MmaShape {
   // 3 stages at 2 CTAs / SM beat 2 stages at 3 CTAs / SM for 16-bit head_dim 128;
   // docs/PERFORMANCE.md).
   static constexpr int kStages = 3;
-  static constexpr int kPipelineBytes = kAttnWarps * kStages * kStageBytes;
+  static constexpr int kPipelineBytes = kWarps * kStages * kStageBytes;
   // Q staged as the MMA type (16 rows, swizzled like the tiles) in a warp's last stage.
   static constexpr int kQRowStride = kHeadDim * 2;
   static_assert(tile_chunk_ok(kQRowStride / 16), "tile_chunk's claims hold for Q");
@@ -189,7 +189,7 @@ struct MmaShape {
   // fragment land in distinct banks.
   static constexpr int kAccStride = kHeadDim + 8;
   static constexpr int kEpilogueBytes =
-      (kAttnWarps * kTileKeys * kAccStride + kMergeScratchFloats<kTileKeys>)*4;
+      (kWarps * kTileKeys * kAccStride + kMergeScratchFloats<kTileKeys>)*4;
   static constexpr int kSmemBytes =
       kPipelineBytes > kEpilogueBytes ? kPipelineBytes : kEpilogueBytes;
   static constexpr int kKSteps = kHeadDim / 16;
@@ -220,14 +220,15 @@ struct TileRow {
   int local = 0;          // paged: the page's entry in the sequence's page list
 };
 
-template <class KV, int kHeadDim>
-__global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
+// kWarps: 4 (kAttnWarps), or 8 for grids of at most one CTA per multiprocessor (wide_mma_grid).
+template <class KV, int kHeadDim, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim <= 128 ? 2 : 1)
     attention_mma_kernel(const __grid_constant__ AttnKernelParams p) {
-  using S = MmaShape<KV, kHeadDim>;
+  using S = MmaShape<KV, kHeadDim, kWarps>;
   constexpr bool kBf16 = S::kBf16;
   constexpr int kRows = 16;
   extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ EpilogueSmem<kRows, kAttnWarps> ep;
+  __shared__ EpilogueSmem<kRows, kWarps> ep;
 
   const AttnItem it = resolve_item(p, kRows);
   if (!it.ok) return;
@@ -243,7 +244,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
   const int v0 = it.chunk * p.chunk_size;
   const int v1 = min(v0 + p.chunk_size, row.num_vis);
   const int num_tiles = (v1 - v0 + kTileKeys - 1) / kTileKeys;
-  const int my_tiles = (num_tiles - warp + kAttnWarps - 1) / kAttnWarps;
+  const int my_tiles = (num_tiles - warp + kWarps - 1) / kWarps;
   const bool report_pages = head_group == 0 && lane < kTileKeys;
   const int copy_row = lane & (kTileKeys - 1);  // the row this lane copies
   const int copy_half = lane >> 4;              // its even (0) or odd (1) chunks
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
   // Finds this lane's row of the warp's i-th tile (the page index load stays in flight).
   const auto locate = [&](int i) {
     TileRow t;
-    const int v = v0 + (warp + i * kAttnWarps) * kTileKeys + copy_row;
+    const int v = v0 + (warp + i * kWarps) * kTileKeys + copy_row;
     t.live = i < my_tiles;
     t.in_range = t.live && v < v1;
     if (!t.in_range) return t;
@@ -455,7 +456,7 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     const float* scales =
         reinterpret_cast<const float*>(ring + st * S::kStageBytes + 2 * S::kTileBytes);
     const float* bias = scales + 2 * kTileKeys;
-    const int tile_v0 = v0 + (warp + i * kAttnWarps) * kTileKeys;
+    const int tile_v0 = v0 + (warp + i * kWarps) * kTileKeys;
 
     // S = Q K^T: sc[n-tile of 8 keys][c0..c3].
     float sc[2][4] = {};
@@ -606,35 +607,50 @@ __global__ void __launch_bounds__(kAttnThreads, kHeadDim <= 128 ? 2 : 1)
     }
   }
   __syncthreads();
-  finish_item(p, it, num_chunks, kAttnWarps, s_acc, S::kAccStride, ep,
-              s_acc + kAttnWarps * kRows * S::kAccStride);
+  finish_item<kRows, kWarps, kWarps * 32>(p, it, num_chunks, kWarps, s_acc, S::kAccStride, ep,
+                                          s_acc + kWarps * kRows * S::kAccStride);
 }
 
 // Raises the kernel's dynamic shared memory limit (once per instantiation).
-template <class KV, int kHeadDim>
+template <class KV, int kHeadDim, int kWarps>
 cudaError_t configure_attention_mma() {
   static const cudaError_t configured = cudaFuncSetAttribute(
-      attention_mma_kernel<KV, kHeadDim>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      MmaShape<KV, kHeadDim>::kSmemBytes);
+      attention_mma_kernel<KV, kHeadDim, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      MmaShape<KV, kHeadDim, kWarps>::kSmemBytes);
   return configured;
 }
 
-template <class KV, int kHeadDim>
-cudaError_t launch_attention_mma_dim(const AttnKernelParams& p, cudaStream_t stream) {
-  using S = MmaShape<KV, kHeadDim>;
-  if (cudaError_t err = configure_attention_mma<KV, kHeadDim>(); err != cudaSuccess) return err;
+template <class KV, int kHeadDim, int kWarps>
+cudaError_t launch_attention_mma_warps(const AttnKernelParams& p, cudaStream_t stream) {
+  using S = MmaShape<KV, kHeadDim, kWarps>;
+  if (cudaError_t err = configure_attention_mma<KV, kHeadDim, kWarps>(); err != cudaSuccess) {
+    return err;
+  }
   const int64_t ctas = attention_ctas(p);
-  attention_mma_kernel<KV, kHeadDim>
-      <<<dim3(static_cast<unsigned>(ctas)), kAttnThreads, S::kSmemBytes, stream>>>(p);
+  attention_mma_kernel<KV, kHeadDim, kWarps>
+      <<<dim3(static_cast<unsigned>(ctas)), kWarps * 32, S::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
+}
+
+// A grid of at most one CTA per multiprocessor runs 8 warps per CTA: 4 leave each scheduler one
+// warp, too few to keep the multiprocessor's share of DRAM bandwidth in flight (head_dim 256
+// already fills the shared memory with 4).
+template <class KV, int kHeadDim>
+cudaError_t launch_attention_mma_dim(const AttnKernelParams& p, bool wide, cudaStream_t stream) {
+  if constexpr (kHeadDim <= 128) {
+    if (wide) return launch_attention_mma_warps<KV, kHeadDim, 2 * kAttnWarps>(p, stream);
+  }
+  return launch_attention_mma_warps<KV, kHeadDim, kAttnWarps>(p, stream);
 }
 
 template <class KV, int kHeadDim>
 cudaError_t attention_mma_occupancy_dim(int* ctas_per_sm) {
-  if (cudaError_t err = configure_attention_mma<KV, kHeadDim>(); err != cudaSuccess) return err;
+  using S = MmaShape<KV, kHeadDim, kAttnWarps>;
+  if (cudaError_t err = configure_attention_mma<KV, kHeadDim, kAttnWarps>(); err != cudaSuccess) {
+    return err;
+  }
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      ctas_per_sm, attention_mma_kernel<KV, kHeadDim>, kAttnThreads,
-      MmaShape<KV, kHeadDim>::kSmemBytes);
+      ctas_per_sm, attention_mma_kernel<KV, kHeadDim, kAttnWarps>, kAttnThreads, S::kSmemBytes);
 }
 
 // Calls f.template operator()<kHeadDim>() for the kernel's head_dim, or returns invalid value.
@@ -654,9 +670,9 @@ cudaError_t with_mma_head_dim(int head_dim, F f) {
 }
 
 template <class KV>
-cudaError_t launch_attention_mma(const AttnKernelParams& p, cudaStream_t stream) {
+cudaError_t launch_attention_mma(const AttnKernelParams& p, bool wide, cudaStream_t stream) {
   return with_mma_head_dim<KV>(
-      p.head_dim, [&]<int kD>() { return launch_attention_mma_dim<KV, kD>(p, stream); });
+      p.head_dim, [&]<int kD>() { return launch_attention_mma_dim<KV, kD>(p, wide, stream); });
 }
 
 template <class KV>

@@ -5,8 +5,8 @@
 
 namespace kvcache::cuda {
 
-cudaError_t launch_attention_mma_f16(const AttnKernelParams& p, cudaStream_t s) {
-  return launch_attention_mma<F16>(p, s);
+cudaError_t launch_attention_mma_f16(const AttnKernelParams& p, bool wide, cudaStream_t s) {
+  return launch_attention_mma<F16>(p, wide, s);
 }
 
 cudaError_t attention_mma_occupancy_f16(int head_dim, int* ctas_per_sm) {

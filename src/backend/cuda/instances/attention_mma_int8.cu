@@ -5,8 +5,8 @@
 
 namespace kvcache::cuda {
 
-cudaError_t launch_attention_mma_int8(const AttnKernelParams& p, cudaStream_t s) {
-  return launch_attention_mma<int8_t>(p, s);
+cudaError_t launch_attention_mma_int8(const AttnKernelParams& p, bool wide, cudaStream_t s) {
+  return launch_attention_mma<int8_t>(p, wide, s);
 }
 
 cudaError_t attention_mma_occupancy_int8(int head_dim, int* ctas_per_sm) {

@@ -22,8 +22,8 @@ SIMT = """template cudaError_t launch_attention_simt<KVStorage::{k}, KVStorage::
     const AttnKernelParams& p, int group_pad, cudaStream_t s);
 {occupancy}
 """
-MMA = """cudaError_t launch_attention_mma_{suffix}(const AttnKernelParams& p, cudaStream_t s) {{
-  return launch_attention_mma<{kv}>(p, s);
+MMA = """cudaError_t launch_attention_mma_{suffix}(const AttnKernelParams& p, bool wide, cudaStream_t s) {{
+  return launch_attention_mma<{kv}>(p, wide, s);
 }}
 
 cudaError_t attention_mma_occupancy_{suffix}(int head_dim, int* ctas_per_sm) {{
