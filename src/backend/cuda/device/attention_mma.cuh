@@ -4,7 +4,7 @@
 // The attention kernel on tensor cores (mma.sync m16n8k16, f32 accumulation) for bf16, f16, int8
 // and fp8_e4m3 K/V with head_dim 64, 128 or 256 (8-bit: 128 or 256).
 //
-// A CTA of 4 warps (8 for grids of at most one CTA per multiprocessor) serves one work item
+// A CTA of 4 warps (8 for one-wave grids with long chunks) serves one work item
 // (attention_common.cuh) whose query heads (up to 16: the MMA's M rows; the rest padding) share
 // one kv head. The chunk's keys are cut into tiles of 16; warp w takes tiles w, w + warps, ... and
 // streams each tile's K and V rows (and scales) into its own ring of kStages shared-memory stages
@@ -220,7 +220,8 @@ struct TileRow {
   int local = 0;          // paged: the page's entry in the sequence's page list
 };
 
-// kWarps: 4 (kAttnWarps), or 8 for grids of at most one CTA per multiprocessor (wide_mma_grid).
+// kWarps: 4 (kAttnWarps), or 8 where the host asks for wide CTAs (cuda_attention: grids of at
+// most one CTA per multiprocessor with long chunks).
 template <class KV, int kHeadDim, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim <= 128 ? 2 : 1)
     attention_mma_kernel(const __grid_constant__ AttnKernelParams p) {
@@ -388,20 +389,18 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim 
   }
 
   // ldmatrix addresses of this lane, relative to a tile (header paragraph for the orders): the
-  // lane's row, and the chunk column c of its matrix at chunk column 16 b bytes of the tile.
+  // lane's row and its matrix's chunk column offset (col) within each pair of chunks.
   const int mi = lane >> 3;  // the 8x8 matrix this lane addresses
   const int mrow = lane & 7;
   const int k_row = S::kEightBit ? (mi & 1) * 8 + mrow : (mi >> 1) * 8 + mrow;
   const int k_col = S::kEightBit ? mi >> 1 : mi & 1;
   const int v_row = (mi & 1) * 8 + mrow;
   const int v_col = mi >> 1;
-  // c is a compile-time even chunk column; the lane's column is c + col. Only the low three bits
-  // depend on the lane, so each distinct c % 8 costs one register, hoisted out of the loop.
-  const auto k_at = [&](int c) {
-    return k_row * S::kRowStride + (c & ~7) * 16 + (((c & 7) + k_col) ^ tile_swizzle(mrow)) * 16;
-  };
-  const auto v_at = [&](int c) {
-    return v_row * S::kRowStride + (c & ~7) * 16 + (((c & 7) + v_col) ^ tile_swizzle(mrow)) * 16;
+  // The byte offset of chunk c + col of the lane's row (c a compile-time even chunk column, so
+  // c + col is tile_chunk's input written so that only its low three bits depend on the lane:
+  // each distinct c % 8 costs one register, hoisted out of the loop).
+  const auto ld_at = [&](int row, int col, int c) {
+    return row * S::kRowStride + (c & ~7) * 16 + (((c & 7) + col) ^ tile_swizzle(mrow)) * 16;
   };
 
   // Packed extend: the causal limit of this thread's rows grp and grp + 8 (keys j > pos are
@@ -465,7 +464,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim 
       uint32_t b[4];
       if constexpr (S::kEightBit) {
         // matrices: (keys 0-7, k-step s2), (keys 8-15, s2), (keys 0-7, s2+1), (keys 8-15, s2+1)
-        ldmatrix_x4(b, k_tile + k_at(s2));
+        ldmatrix_x4(b, k_tile + ld_at(k_row, k_col, s2));
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           uint32_t b0, b1;
@@ -476,7 +475,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim 
         // per k-step s: (keys 0-7, dims 16 s + 0-7), (keys 0-7, + 8-15), (keys 8-15, ..), (..)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          ldmatrix_x4(b, k_tile + k_at(2 * (s2 + h)));
+          ldmatrix_x4(b, k_tile + ld_at(k_row, k_col, 2 * (s2 + h)));
           mma16816<kBf16>(sc[0], qa[s2 + h], b[0], b[1]);
           mma16816<kBf16>(sc[1], qa[s2 + h], b[2], b[3]);
         }
@@ -541,7 +540,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim 
 #pragma unroll
       for (int b2 = 0; b2 < kHeadDim / 16; b2 += 2) {
         uint32_t v[4];
-        ldmatrix_x4_trans(v, v_tile + v_at(b2));
+        ldmatrix_x4_trans(v, v_tile + ld_at(v_row, v_col, b2));
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t lo = v[2 * h];      // keys 2q, 2q+1 (x) dims 2n, 2n+1
@@ -563,7 +562,7 @@ __global__ void __launch_bounds__(kWarps * 32, kWarps == kAttnWarps && kHeadDim 
 #pragma unroll
       for (int n2 = 0; n2 < S::kNTiles; n2 += 2) {
         uint32_t v[4];
-        ldmatrix_x4_trans(v, v_tile + v_at(n2));
+        ldmatrix_x4_trans(v, v_tile + ld_at(v_row, v_col, n2));
         mma16816<kBf16>(acc[n2], pa, v[0], v[1]);
         mma16816<kBf16>(acc[n2 + 1], pa, v[2], v[3]);
       }
